@@ -1,0 +1,115 @@
+"""The prompt feeder: keeps the generators supplied with prompts without flooding the topic.
+
+Backpressure comes from the broker itself, at two levels: the feeder compares what it has published on each
+partition with the offsets the ``generators`` group has committed (at most ``max_prompt_lag`` prompts wait),
+and it counts the groups the learner has trained on (from the learner topic), keeping at most
+``groups_per_step × max_staleness`` groups in flight so generation never runs far ahead of learning. Every ``eval_every`` learner steps it also publishes the held-out eval prompts, tagged
+with an eval round, which generators answer greedily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+
+import structlog
+from aiokafka import TopicPartition
+
+from schemas import LearnerStep, PromptTask, SchemaError
+from services._data import load_prompts
+from services._settings import Settings
+from streams import Publisher, decode, ensure_topics, make_consumer, read_from_start
+
+log = structlog.get_logger(__name__)
+
+
+class Feeder:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.topics = settings.topics
+        prompts = load_prompts(settings.prompts)
+        self.train = [p for p in prompts if p.split == "train"]
+        self.eval = [p for p in prompts if p.split == "eval"][: settings.eval_prompts]
+        self.publisher = Publisher(settings.kafka)
+        self.published: dict[int, int] = {}  # partition -> next offset (we are the only producer)
+        self._stop = asyncio.Event()
+        self._eval_rounds_done: set[int] = set()
+        self.train_published = 0
+        self.groups_trained = 0
+        # Generation must not run far ahead of learning: rollouts older than max_staleness versions are
+        # wasted, so at most this many prompt groups are in flight (published, not yet trained on).
+        self.max_inflight = settings.groups_per_step * max(2, settings.max_staleness)
+
+    async def lag(self, probe: object) -> int:
+        total = 0
+        for partition, end in self.published.items():
+            committed = await probe.committed(TopicPartition(self.topics.prompts, partition))  # type: ignore[attr-defined]
+            total += end - (committed or 0)
+        return total
+
+    async def publish(self, task: PromptTask) -> None:
+        meta = await self.publisher.send(self.topics.prompts, task, key=task.prompt_id)
+        self.published[meta.partition] = max(self.published.get(meta.partition, 0), meta.offset + 1)
+
+    async def publish_eval(self, eval_round: int) -> None:
+        if eval_round in self._eval_rounds_done or not self.eval:
+            return
+        self._eval_rounds_done.add(eval_round)
+        for p in self.eval:
+            await self.publish(
+                PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", source=p.source, eval_round=eval_round)
+            )
+        log.info("eval_round_published", eval_round=eval_round, prompts=len(self.eval))
+
+    async def watch_learner(self) -> None:
+        async for record in read_from_start(self.s.kafka, [self.topics.learner]):
+            try:
+                step = decode(record.value, LearnerStep)
+            except SchemaError:
+                continue  # the learner topic is ours; the monitor reports malformed records
+            self.groups_trained = max(self.groups_trained, step.step * self.s.groups_per_step)
+            if step.step % self.s.eval_every == 0:
+                await self.publish_eval(step.step)
+
+    async def run(self) -> None:
+        await ensure_topics(self.s.kafka, self.topics.specs())
+        await self.publisher.start()
+        probe = make_consumer(self.s.kafka, group_id="generators")
+        await probe.start()
+        watcher = asyncio.create_task(self.watch_learner())
+        rng = random.Random(self.s.seed)
+        order: list[PromptTask] = []
+        try:
+            await self.publish_eval(0)
+            while not self._stop.is_set():
+                inflight = self.train_published - self.groups_trained
+                if inflight >= self.max_inflight or await self.lag(probe) >= self.s.max_prompt_lag:
+                    await asyncio.sleep(0.2)
+                    continue
+                if not order:
+                    order = list(self.train)
+                    rng.shuffle(order)
+                p = order.pop()
+                await self.publish(PromptTask(prompt_id=p.prompt_id, text=p.text, split="train", source=p.source))
+                self.train_published += 1
+                if watcher.done():
+                    watcher.result()
+        finally:
+            watcher.cancel()
+            await probe.stop()
+            await self.publisher.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run(settings: Settings) -> None:
+    async def main() -> None:
+        feeder = Feeder(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, feeder.stop)
+        await feeder.run()
+
+    asyncio.run(main())

@@ -1,0 +1,231 @@
+"""The generator: samples completions from the student and publishes rollouts.
+
+Two loops share one process. The *prompt loop* takes PromptTasks (consumer group ``generators``), samples
+``group_size`` completions per prompt in one batched ``generate`` call, and publishes them as Rollouts with their
+token ids and behaviour log-probs. The *policy loop* reads every PolicyUpdate (no group: each generator sees
+every update), verifies the weights and stages them; the prompt loop swaps them in between two generations,
+so the process never restarts and never generates with half-loaded weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from aiokafka import TopicPartition
+
+from schemas import (
+    IntegrityError,
+    PolicyChunk,
+    PolicyUpdate,
+    PromptTask,
+    Rollout,
+    SamplingParams,
+    SchemaError,
+    new_id,
+)
+from services._policy import apply_weights, build_policy, load_weights_blob, render_prompt
+from services._proc import free_port
+from services._settings import Settings
+from streams import (
+    ChunkAssembler,
+    DeadLetterSink,
+    Publisher,
+    decode,
+    decode_any,
+    ensure_topics,
+    make_consumer,
+    read_from_start,
+    verify_blob,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def resolve_weights_uri(uri: str, root: Path) -> Path:
+    """A weights location must be a file under the weights store; anything else is refused.
+
+    >>> resolve_weights_uri("file:///etc/passwd", Path("/tmp/store"))
+    Traceback (most recent call last):
+    ...
+    schemas._errors.IntegrityError: weights location file:///etc/passwd is outside the weights store
+    """
+    if not uri.startswith("file://"):
+        raise IntegrityError(f"unsupported weights location {uri!r}")
+    path = Path(uri.removeprefix("file://")).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise IntegrityError(f"weights location {uri} is outside the weights store")
+    return path
+
+
+class Generator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.generator_id = settings.service_id or f"gen-{free_port()}"
+        torch.set_num_threads(settings.torch_threads)
+        self.model, self.tokenizer = build_policy(
+            settings.student_model, settings.cache_dir, lora=settings.lora, lora_rank=settings.lora_rank,
+            seed=settings.seed,
+        )
+        self.version = 0
+        self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._staged_lock = threading.Lock()
+        self._counter = 0
+        self.topics = settings.topics
+        self.publisher = Publisher(settings.kafka)
+        self.dlq = DeadLetterSink(self.publisher, self.topics.dead_letters, service=self.generator_id)
+        self._stop = asyncio.Event()
+
+    # ---- policy loop -------------------------------------------------------------------------------
+    async def follow_policy(self) -> None:
+        assembler: ChunkAssembler | None = None
+        store = (self.settings.run_dir / "policy").resolve()
+        async for record in read_from_start(self.settings.kafka, [self.topics.policy]):
+            try:
+                event = decode_any(record.value)
+                if isinstance(event, PolicyUpdate):
+                    if event.policy_version <= self.version:
+                        assembler = None
+                        continue
+                    if event.uri:
+                        blob = resolve_weights_uri(event.uri, store).read_bytes()
+                        verify_blob(blob, event)
+                        self._stage(event.policy_version, blob)
+                        assembler = None
+                    else:
+                        assembler = ChunkAssembler(event)
+                elif isinstance(event, PolicyChunk) and assembler is not None:
+                    blob_or_none = assembler.feed(event)
+                    if blob_or_none is not None:
+                        self._stage(event.policy_version, blob_or_none)
+                        assembler = None
+            except (SchemaError, IntegrityError, OSError) as exc:
+                assembler = None
+                log.error("policy_update_rejected", error=str(exc), offset=record.offset,
+                          serving=self.version)
+                await self.dlq.send(record, exc)
+
+    def _stage(self, version: int, blob: bytes) -> None:
+        tensors = load_weights_blob(blob, self.model, self.settings.lora)
+        with self._staged_lock:
+            if self._staged is None or self._staged[0] < version:
+                self._staged = (version, tensors)
+        log.info("policy_staged", policy_version=version, bytes=len(blob))
+
+    def _swap_if_staged(self) -> None:
+        with self._staged_lock:
+            staged, self._staged = self._staged, None
+        if staged is not None and staged[0] > self.version:
+            apply_weights(self.model, staged[1], self.settings.lora)
+            log.info("policy_swapped", old=self.version, new=staged[0], generator_id=self.generator_id)
+            self.version = staged[0]
+
+    # ---- prompt loop -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, task: PromptTask) -> list[Rollout]:
+        """Sample a group of completions (greedy, one completion, for eval prompts)."""
+        self._swap_if_staged()
+        s = self.settings
+        greedy = task.split == "eval"
+        n = 1 if greedy else s.group_size
+        self._counter += 1
+        seed = int.from_bytes(
+            hashlib.sha256(f"{self.generator_id}:{task.prompt_id}:{self._counter}".encode()).digest()[:4], "big"
+        )
+        torch.manual_seed(seed)
+        prompt_text = render_prompt(self.tokenizer, task.text)
+        enc = self.tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
+        input_ids = enc["input_ids"].repeat(n, 1)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=not greedy,
+            temperature=s.temperature if not greedy else None,
+            top_p=s.top_p if not greedy else None,
+            top_k=0 if not greedy else None,
+            max_new_tokens=s.max_new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        new_tokens = out.sequences[:, input_ids.shape[1]:]
+        logits = torch.stack(out.logits, dim=1).float()  # raw logits: (n, steps, vocab)
+        temperature = 1.0 if greedy else s.temperature
+        logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        group_id = new_id()
+        sampling = SamplingParams(
+            temperature=temperature, top_p=1.0 if greedy else s.top_p, max_new_tokens=s.max_new_tokens,
+            seed=seed, greedy=greedy,
+        )
+        prompt_ids = input_ids[0].tolist()
+        rollouts = []
+        for i in range(n):
+            ids = new_tokens[i].tolist()
+            if self.tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(self.tokenizer.eos_token_id) + 1]  # keep EOS: stopping is learned too
+            rollouts.append(
+                Rollout(
+                    rollout_id=new_id(), group_id=group_id, group_size=n, prompt_id=task.prompt_id,
+                    prompt=task.text,
+                    completion=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    prompt_token_ids=prompt_ids, completion_token_ids=ids,
+                    behaviour_logprobs=[min(0.0, float(x)) for x in logprobs[i, : len(ids)]],
+                    policy_version=self.version, generator_id=self.generator_id, sampling=sampling,
+                    split=task.split, eval_round=task.eval_round,
+                )
+            )
+        return rollouts
+
+    async def run(self) -> None:
+        await ensure_topics(self.settings.kafka, self.topics.specs())
+        await self.publisher.start()
+        policy_task = asyncio.create_task(self.follow_policy())
+        consumer = make_consumer(self.settings.kafka, self.topics.prompts, group_id="generators",
+                                 max_poll_interval_ms=600_000)
+        await consumer.start()
+        log.info("generator_started", generator_id=self.generator_id, model=self.settings.student_model)
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=500, max_records=1)
+                for tp, records in batches.items():
+                    for record in records:
+                        await self._handle(record)
+                        await consumer.commit({TopicPartition(tp.topic, tp.partition): record.offset + 1})
+                if policy_task.done():
+                    policy_task.result()  # re-raise a crash of the policy loop
+        finally:
+            policy_task.cancel()
+            await consumer.stop()
+            await self.publisher.stop()
+
+    async def _handle(self, record: Any) -> None:
+        try:
+            task = decode(record.value, PromptTask)
+        except SchemaError as exc:
+            await self.dlq.send(record, exc)
+            return
+        rollouts = await asyncio.to_thread(self.generate, task)
+        await self.publisher.send_many(self.topics.rollouts, [(r.group_id, r) for r in rollouts])
+        log.info("rollouts_published", prompt_id=task.prompt_id, n=len(rollouts), policy_version=self.version,
+                 offset=record.offset, partition=record.partition)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run(settings: Settings) -> None:
+    async def main() -> None:
+        generator = Generator(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, generator.stop)
+        await generator.run()
+
+    asyncio.run(main())

@@ -1,0 +1,145 @@
+"""Scoring a rollout against a constitution through Triton (tritonclient, asyncio gRPC).
+
+Each principle becomes one row: ``llm`` principles send the rendered judge question to ``judge_llm``,
+``classifier`` principles send the completion to their classifier model. Rows of one rollout go out in one
+request; Triton's dynamic batcher merges concurrent requests. Failures are retried with backoff and jitter; a
+rollout that still cannot be scored raises :class:`JudgeError` — it is never given a default reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import stamina
+import structlog
+
+from schemas import (
+    Constitution,
+    JudgedRollout,
+    JudgeError,
+    JudgeUnavailable,
+    Rollout,
+    aggregate_reward,
+    render_judge_question,
+)
+
+log = structlog.get_logger(__name__)
+
+JUDGE_MODEL = "judge_llm"
+
+
+@dataclass
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures; while open, calls fail fast for ``cooldown_s``."""
+
+    threshold: int = 5
+    cooldown_s: float = 5.0
+    failures: int = 0
+    opened_at: float | None = None
+
+    def check(self) -> None:
+        if self.opened_at is not None and time.monotonic() - self.opened_at < self.cooldown_s:
+            raise JudgeUnavailable("circuit breaker open: Triton failed repeatedly")
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.failures, self.opened_at = 0, None
+            return
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+
+@dataclass
+class TritonJudge:
+    url: str
+    constitution: Constitution
+    judge_model_name: str
+    timeout_s: float = 30.0
+    ssl: bool = False
+    root_certificates: str | None = None
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    _client: object | None = None
+
+    def _grpc(self):  # type: ignore[no-untyped-def]
+        if self._client is None:
+            import tritonclient.grpc.aio as grpcclient
+
+            self._client = grpcclient.InferenceServerClient(
+                self.url, ssl=self.ssl, root_certificates=self.root_certificates
+            )
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()  # type: ignore[attr-defined]
+            self._client = None
+
+    async def _infer(self, model: str, texts: list[str], output: str) -> np.ndarray:
+        import tritonclient.grpc.aio as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        self.breaker.check()
+        data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+        tensor = grpcclient.InferInput("text", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        try:
+            result = await self._grpc().infer(
+                model, [tensor], outputs=[grpcclient.InferRequestedOutput(output)],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            self.breaker.record(False)
+            raise JudgeUnavailable(f"triton {model}: {exc}") from exc
+        self.breaker.record(True)
+        scores = np.asarray(result.as_numpy(output), dtype=np.float64).reshape(-1)
+        if scores.shape[0] != len(texts) or not np.all(np.isfinite(scores)):
+            raise JudgeError(f"triton {model} returned malformed scores {scores!r}", retriable=False)
+        return np.clip(scores, 0.0, 1.0)
+
+    async def score(self, rollout: Rollout) -> dict[str, float]:
+        questions: list[tuple[str, str]] = []
+        by_classifier: dict[str, list[str]] = {}
+        for p in self.constitution.principles:
+            if p.scorer == "llm":
+                questions.append((p.id, render_judge_question(p, rollout.prompt, rollout.completion)))
+            else:
+                by_classifier.setdefault(str(p.classifier), []).append(p.id)
+        scores: dict[str, float] = {}
+        calls = []
+        if questions:
+            calls.append(self._infer(JUDGE_MODEL, [q for _, q in questions], "p_yes"))
+        for classifier in by_classifier:
+            calls.append(self._infer(classifier, [rollout.completion], "p_toxic"))
+        results = await asyncio.gather(*calls)
+        if questions:
+            scores.update({pid: float(s) for (pid, _), s in zip(questions, results[0], strict=True)})
+        for i, (classifier, pids) in enumerate(by_classifier.items()):
+            p_bad = float(results[i + (1 if questions else 0)][0])
+            scores.update({pid: 1.0 - p_bad for pid in pids})
+            del classifier
+        return scores
+
+    async def judge(self, rollout: Rollout, judge_id: str, attempts: int = 5) -> JudgedRollout:
+        started = time.perf_counter()
+        scores: dict[str, float] | None = None
+        async for attempt in stamina.retry_context(
+            on=lambda exc: isinstance(exc, JudgeError) and exc.retriable,
+            attempts=attempts, wait_initial=0.2, wait_max=5.0, wait_jitter=0.5,
+        ):
+            with attempt:
+                scores = await self.score(rollout)
+        assert scores is not None
+        return JudgedRollout(
+            rollout=rollout,
+            constitution_id=self.constitution.constitution_id,
+            constitution_version=self.constitution.version,
+            judge_model=self.judge_model_name,
+            scores=scores,
+            reward=aggregate_reward(self.constitution, scores),
+            judge_latency_s=time.perf_counter() - started,
+            judge_id=judge_id,
+        )

@@ -1,0 +1,309 @@
+"""The online learner. Read top to bottom: consume rewards → group → step → publish weights → checkpoint.
+
+It reads the rewards topic by manual assignment (no consumer group) from the offsets saved in its
+checkpoint. The checkpoint is one safetensors file holding the trainable weights, the AdamW state, the next
+offset of every partition, the ledger of trained rollout ids and the rollouts buffered but not yet trained, so a
+restart resumes exactly where the weights are: nothing trained twice, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from aiokafka import TopicPartition
+from safetensors.torch import load_file, save_file
+
+from schemas import JudgedRollout, LearnerStep, PolicyUpdate, SchemaError
+from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
+from services._models import load_causal_lm
+from services._policy import build_policy, serialize_weights, trainable_state
+from services._settings import Settings
+from streams import DeadLetterSink, Publisher, decode, encode, ensure_topics, make_consumer, sha256_hex, split_chunks
+
+log = structlog.get_logger(__name__)
+
+INLINE_MAX_BYTES = 32 * 1024 * 1024  # bigger weight files travel by URI, not as chunks
+
+
+@dataclass
+class LearnerState:
+    step: int = 0
+    version: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset to read
+    trained: set[str] = field(default_factory=set)  # the ledger of rollout ids already trained on
+    pending: dict[str, dict[str, JudgedRollout]] = field(default_factory=dict)  # group -> rollout -> event
+    group_seen_at: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"consumed": 0, "duplicates": 0, "dropped_stale": 0, "dropped_incomplete": 0,
+                                 "eval_consumed": 0, "dead_lettered": 0}
+    )
+
+
+class Learner:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        torch.set_num_threads(settings.torch_threads)
+        torch.manual_seed(settings.seed)
+        self.topics = settings.topics
+        self.model, self.tokenizer = build_policy(
+            settings.student_model, settings.cache_dir, lora=settings.lora, lora_rank=settings.lora_rank,
+            seed=settings.seed,
+        )
+        self.model.train()
+        # LoRA: the reference is the same network with adapters disabled; full mode keeps a frozen copy.
+        self.reference = None if settings.lora else load_causal_lm(settings.student_model, settings.cache_dir)[0]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+        self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)
+        self.state = LearnerState()
+        self.ckpt_path = (settings.run_dir / "learner" / "checkpoint.safetensors").resolve()
+        self.policy_store = (settings.run_dir / "policy").resolve()
+        self.publisher = Publisher(settings.kafka)
+        self.dlq = DeadLetterSink(self.publisher, self.topics.dead_letters, service="learner")
+        self._stop = asyncio.Event()
+        self.load_checkpoint()
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tensors = {f"model.{k}": v for k, v in trainable_state(self.model, self.s.lora).items()}
+        opt = self.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for name, value in st.items():
+                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+        st_ = self.state
+        meta = {
+            "step": str(st_.step), "version": str(st_.version), "offsets": json.dumps(st_.offsets),
+            "trained": json.dumps(sorted(st_.trained)), "counters": json.dumps(st_.counters),
+            "pending": json.dumps(
+                [encode(e).decode() for group in st_.pending.values() for e in group.values()]
+            ),
+        }
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, self.ckpt_path)  # atomic: weights, offsets and ledger move together
+        log.info("checkpoint_saved", step=st_.step, version=st_.version, offsets=st_.offsets)
+
+    def load_checkpoint(self) -> None:
+        if not self.ckpt_path.exists():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(self.ckpt_path), framework="pt") as fh:
+            meta = fh.metadata()
+        tensors = load_file(str(self.ckpt_path))
+        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        from services._policy import apply_weights
+
+        apply_weights(self.model, model_state, self.s.lora)
+        opt = self.optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                opt["state"].setdefault(int(pid), {})[name] = value
+        self.optimizer.load_state_dict(opt)
+        st_ = self.state
+        st_.step, st_.version = int(meta["step"]), int(meta["version"])
+        st_.offsets = json.loads(meta["offsets"])
+        st_.trained = set(json.loads(meta["trained"]))
+        st_.counters.update(json.loads(meta["counters"]))
+        for raw in json.loads(meta["pending"]):
+            event = decode(raw.encode(), JudgedRollout)
+            st_.pending.setdefault(event.rollout.group_id, {})[event.rollout.rollout_id] = event
+            st_.group_seen_at[event.rollout.group_id] = time.monotonic()
+        log.info("checkpoint_resumed", step=st_.step, version=st_.version, offsets=st_.offsets)
+
+    # ---- intake ------------------------------------------------------------------------------------
+    async def intake(self, record: Any) -> None:
+        st_ = self.state
+        st_.offsets[f"{record.topic}:{record.partition}"] = record.offset + 1
+        try:
+            event = decode(record.value, JudgedRollout)
+        except SchemaError as exc:
+            st_.counters["dead_lettered"] += 1
+            await self.dlq.send(record, exc)
+            return
+        rollout = event.rollout
+        if rollout.split == "eval":
+            st_.counters["eval_consumed"] += 1
+            return
+        group = st_.pending.setdefault(rollout.group_id, {})
+        if rollout.rollout_id in st_.trained or rollout.rollout_id in group:
+            st_.counters["duplicates"] += 1  # at-least-once delivery: the ledger makes it effectively-once
+            return
+        st_.counters["consumed"] += 1
+        group[rollout.rollout_id] = event
+        st_.group_seen_at.setdefault(rollout.group_id, time.monotonic())
+
+    def ready_groups(self) -> list[list[JudgedRollout]]:
+        """Complete groups (and groups that waited too long with at least two members), oldest first."""
+        st_, now, ready = self.state, time.monotonic(), []
+        for gid in list(st_.pending):
+            members = list(st_.pending[gid].values())
+            size = members[0].rollout.group_size if members else 0
+            timed_out = now - st_.group_seen_at.get(gid, now) > self.s.group_timeout_s
+            if members and (len(members) >= size or (timed_out and len(members) >= 2)):
+                ready.append(members)
+            elif timed_out:
+                st_.counters["dropped_incomplete"] += len(members)
+                st_.trained.update(m.rollout.rollout_id for m in members)
+                del st_.pending[gid]
+        return ready
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def train_step(self, groups: list[list[JudgedRollout]]) -> dict[str, float]:
+        st_, rows, advantages = self.state, [], []
+        staleness = []
+        for members in groups:
+            fresh = [m for m in members if st_.version - m.rollout.policy_version <= self.s.max_staleness]
+            st_.counters["dropped_stale"] += len(members) - len(fresh)
+            if len(fresh) < 2:
+                st_.counters["dropped_stale"] += len(fresh)
+                continue
+            for m, a in zip(fresh, group_advantages([m.reward for m in fresh]), strict=True):
+                rows.append(m)
+                advantages.append(a)
+                staleness.append(st_.version - m.rollout.policy_version)
+        metrics: dict[str, float] = {}
+        if rows:
+            self.optimizer.zero_grad(set_to_none=True)
+            micro = max(1, len(rows) // self.s.grad_accum)
+            sums: dict[str, float] = {}
+            for start in range(0, len(rows), micro):
+                chunk = rows[start : start + micro]
+                seqs = [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk]
+                temp = chunk[0].rollout.sampling.temperature
+                pad = self.tokenizer.pad_token_id
+                logp, entropy, mask = completion_logprobs(self.model, seqs, pad, temp)
+                with torch.no_grad():
+                    if self.reference is None:
+                        with self.model.disable_adapter():
+                            ref_logp, _, _ = completion_logprobs(self.model, seqs, pad, temp)
+                    else:
+                        ref_logp, _, _ = completion_logprobs(self.reference, seqs, pad, temp)
+                behaviour = torch.zeros_like(logp)
+                for i, m in enumerate(chunk):
+                    behaviour[i, : len(m.rollout.behaviour_logprobs)] = torch.tensor(m.rollout.behaviour_logprobs)
+                adv = torch.tensor(advantages[start : start + micro])
+                loss, part = policy_loss(logp, behaviour, ref_logp, adv, mask, self.loss_cfg)
+                (loss * len(chunk) / len(rows)).backward()
+                part["entropy"] = float(((entropy * mask).sum() / mask.sum()).item())
+                for k, v in part.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.s.max_grad_norm
+            )
+            self.optimizer.step()
+            metrics = {**sums, "grad_norm": float(grad_norm)}
+        metrics.update({
+            "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
+            "trained_rollouts": float(len(rows)),
+            "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
+            "staleness_max": float(max(staleness, default=0)),
+        })
+        for members in groups:
+            st_.trained.update(m.rollout.rollout_id for m in members)
+            st_.pending.pop(members[0].rollout.group_id, None)
+            st_.group_seen_at.pop(members[0].rollout.group_id, None)
+        st_.step += 1
+        self._last_rows = rows
+        return metrics
+
+    # ---- publishing weights ------------------------------------------------------------------------
+    async def publish_policy(self, metrics: dict[str, float]) -> None:
+        st_ = self.state
+        st_.version += 1
+        blob = serialize_weights(self.model, self.s.lora, metadata={"policy_version": str(st_.version)})
+        self.policy_store.mkdir(parents=True, exist_ok=True)
+        path = self.policy_store / f"v{st_.version:06d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        chunks = split_chunks(blob, st_.version) if len(blob) <= INLINE_MAX_BYTES else []
+        update = PolicyUpdate(
+            policy_version=st_.version, learner_step=st_.step, base_model=self.s.student_model,
+            kind="lora" if self.s.lora else "full", sha256=chunks[0].sha256 if chunks else sha256_hex(blob),
+            size_bytes=len(blob), n_chunks=len(chunks), uri=None if chunks else f"file://{path}",
+            metrics=metrics,
+        )
+        await self.publisher.send(self.topics.policy, update, key=str(st_.version))
+        await self.publisher.send_many(self.topics.policy, [(str(st_.version), c) for c in chunks])
+        log.info("policy_published", policy_version=st_.version, bytes=len(blob), chunks=len(chunks))
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        s, st_ = self.s, self.state
+        await ensure_topics(s.kafka, self.topics.specs())
+        await self.publisher.start()
+        consumer = make_consumer(s.kafka, group_id=None)
+        await consumer.start()
+        try:
+            parts = sorted(consumer.partitions_for_topic(self.topics.rewards) or [])
+            tps = [TopicPartition(self.topics.rewards, p) for p in parts]
+            consumer.assign(tps)
+            for tp in tps:
+                offset = st_.offsets.get(f"{tp.topic}:{tp.partition}")
+                if offset is None:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, offset)
+            log.info("learner_started", step=st_.step, version=st_.version, lora=s.lora, model=s.student_model)
+            while not self._stop.is_set() and not (s.max_steps and st_.step >= s.max_steps):
+                batches = await consumer.getmany(timeout_ms=200, max_records=500)
+                for records in batches.values():
+                    for record in records:
+                        await self.intake(record)
+                ready = self.ready_groups()
+                while len(ready) >= s.groups_per_step and not (s.max_steps and st_.step >= s.max_steps):
+                    groups, ready = ready[: s.groups_per_step], ready[s.groups_per_step :]
+                    started = time.perf_counter()
+                    metrics = await asyncio.to_thread(self.train_step, groups)
+                    metrics["step_seconds"] = time.perf_counter() - started
+                    await self.publisher.send(
+                        self.topics.learner,
+                        LearnerStep(
+                            step=st_.step, policy_version=st_.version,
+                            rollout_ids=[m.rollout.rollout_id for g in groups for m in g],
+                            rollout_versions=[m.rollout.policy_version for g in groups for m in g],
+                            reward_mean=metrics["reward_mean"], metrics=metrics,
+                        ),
+                    )
+                    log.info("learner_step", step=st_.step, **{k: round(v, 4) for k, v in metrics.items()})
+                    if st_.step % s.push_every == 0:
+                        await self.publish_policy(metrics)
+                    if st_.step % s.checkpoint_every == 0:
+                        self.save_checkpoint()
+            self.save_checkpoint()
+            log.info("learner_finished", step=st_.step, version=st_.version, counters=st_.counters,
+                     pending=sum(len(g) for g in st_.pending.values()))
+        finally:
+            await consumer.stop()
+            await self.publisher.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run(settings: Settings) -> None:
+    async def main() -> None:
+        learner = Learner(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, learner.stop)
+        await learner.run()
+
+    asyncio.run(main())
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return (run_dir / "learner" / "checkpoint.safetensors").resolve()
+

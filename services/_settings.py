@@ -1,0 +1,138 @@
+"""Typed settings for every service: ``RLAIF_*`` environment variables, or a ``.env``-style file.
+
+A *profile* fills in the model and learning knobs that were not set explicitly: ``tiny`` (random 2-layer
+models, for plumbing and CI) or ``default`` (SmolLM2-135M-Instruct student, real judge).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams import KafkaConfig, Topics
+
+Profile = Literal["tiny", "default"]
+
+_DATA = resources.files("services") / "data"
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "student_model": "tiny-llama",
+        "judge_model": "tiny-judge",
+        "group_size": 4,
+        "groups_per_step": 2,
+        "max_new_tokens": 12,
+        "learning_rate": 1e-3,
+        "push_every": 1,
+        "lora": False,
+        "eval_every": 2,
+        "eval_prompts": 4,
+        "judge_concurrency": 8,
+        "max_staleness": 8,
+    },
+    "default": {
+        "student_model": "smollm2-135m-instruct",
+        "judge_model": "smollm2-135m-instruct",
+        "group_size": 4,
+        "groups_per_step": 2,
+        "max_new_tokens": 40,
+        "learning_rate": 2e-4,
+        "push_every": 1,
+        "lora": True,
+        "eval_every": 5,
+        "eval_prompts": 8,
+        "judge_concurrency": 8,
+        "max_staleness": 4,
+    },
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RLAIF_", env_file=os.environ.get("RLAIF_ENV_FILE"), extra="ignore"
+    )
+
+    profile: Profile = "default"
+    run_dir: Path = Path("runs/latest")
+    cache_dir: Path = Path(".cache/rlaif")
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    partitions: int = Field(default=2, ge=1)
+
+    triton_url: str = "127.0.0.1:8001"  # gRPC endpoint of Triton
+    triton_ssl: bool = False
+    triton_root_certs: Path | None = None
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    triton_timeout_s: float = 30.0
+
+    constitution: Path = Path(str(_DATA / "constitution.yaml"))
+    prompts: Path = Path(str(_DATA / "prompts.jsonl"))
+
+    service_id: str = ""
+    torch_threads: int = Field(default=1, ge=1)
+    seed: int = 0
+
+    # profile-dependent knobs (None = take the profile's value)
+    student_model: str = ""
+    judge_model: str = ""
+    group_size: int = Field(default=4, ge=2)
+    groups_per_step: int = Field(default=2, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    push_every: int = Field(default=1, ge=1)
+    lora: bool = True
+    lora_rank: int = 8
+    eval_every: int = Field(default=5, ge=1)
+    eval_prompts: int = Field(default=8, ge=0)
+    judge_concurrency: int = Field(default=8, ge=1)
+    max_staleness: int = Field(default=4, ge=0)
+
+    # learner
+    max_steps: int = 0  # 0 = run until stopped
+    kl_coef: float = 0.05
+    clip_eps: float = 0.2
+    max_importance_ratio: float = 5.0
+    grad_accum: int = Field(default=1, ge=1)
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = Field(default=10, ge=1)
+    group_timeout_s: float = 120.0
+
+    # generator / feeder
+    max_prompt_lag: int = Field(default=8, ge=1)  # prompts published but not yet taken by a generator
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        profile = data.get("profile") or os.environ.get("RLAIF_PROFILE", "default")
+        for key, value in PROFILES.get(str(profile), {}).items():
+            if key not in data and f"RLAIF_{key.upper()}" not in os.environ:
+                data[key] = value
+        return data
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(prefix=self.kafka.topic_prefix, partitions=self.partitions)
+
+    def env(self) -> dict[str, str]:
+        """These settings as RLAIF_* variables, for the child processes of the supervisor."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump(exclude={"kafka"}).items():
+            if value is not None:
+                out[f"RLAIF_{name.upper()}"] = str(value)
+        for name, value in self.kafka.model_dump().items():
+            if value is None:
+                continue
+            if name == "sasl_password":
+                value = self.kafka.sasl_password.get_secret_value() if self.kafka.sasl_password else ""
+            out[f"RLAIF_KAFKA_{name.upper()}"] = str(value)
+        return out

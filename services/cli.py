@@ -1,0 +1,128 @@
+"""The ``rlaif`` command line: one sub-command per service, plus ``up`` which runs them all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services._logging import configure_logging
+from services._settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def up(
+    profile: Annotated[str, typer.Option(help="tiny | default")] = "default",
+    steps: Annotated[int, typer.Option(help="stop after N learner steps (0 = run until Ctrl-C)")] = 0,
+    minutes: Annotated[float, typer.Option(help="stop after M minutes (0 = no limit)")] = 0.0,
+    report: Annotated[Path | None, typer.Option(help="write the JSON run report here")] = None,
+    generators: int = 1,
+    judges: int = 1,
+    run_dir: Annotated[Path | None, typer.Option(help="default: runs/<timestamp>")] = None,
+    external_broker: Annotated[bool, typer.Option(help="use RLAIF_KAFKA_BOOTSTRAP_SERVERS")] = False,
+) -> None:
+    """Start broker, Triton, learner, judges, generators and feeder; show progress; write a report."""
+    from services._supervisor import up as run_up
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    settings = _settings(profile=profile, run_dir=run_dir or Path("runs") / stamp)
+    configure_logging("supervisor")
+    result = asyncio.run(
+        run_up(settings, steps=steps, report_path=report, generators=generators, judges=judges,
+               embedded_broker=not external_broker, minutes=minutes)
+    )
+    summary = {k: result[k] for k in ("learner_steps", "policy_versions_published", "generator_versions_served",
+                                       "rollouts_published", "rewards_published", "rewards_consumed_by_learner",
+                                       "wall_seconds", "loop_closed")}
+    print(json.dumps(summary, indent=2))
+    if steps and not result["loop_closed"]:
+        print("the loop did not close: no generator served a pushed policy version", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command()
+def broker(port: int = 9092, host: str = "127.0.0.1") -> None:
+    """Run the embedded Tansu broker in the foreground."""
+    from services._broker import EmbeddedBroker
+
+    configure_logging("broker")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(host=host, port=port) as b:
+        print(f"bootstrap: {b.bootstrap}", flush=True)
+        while not stop.wait(0.5):
+            if b._proc is not None and b._proc.poll() is not None:
+                raise typer.Exit(1)
+
+
+@app.command()
+def triton() -> None:
+    """Serve the judge models with the embedded Triton server."""
+    from services._supervisor import uses_toxicity
+    from services.triton import serve
+
+    settings = _settings()
+    configure_logging("triton")
+    serve(settings, with_toxicity=uses_toxicity(settings))
+
+
+@app.command()
+def generator() -> None:
+    """Sample rollouts from the student; hot-swap weights from the policy topic."""
+    from services._generator import run
+
+    settings = _settings()
+    configure_logging("generator", service_id=settings.service_id)
+    run(settings)
+
+
+@app.command()
+def judge() -> None:
+    """Score rollouts through Triton (faust agents) and publish rewards."""
+    from services._judge import run
+
+    settings = _settings()
+    configure_logging("judge", service_id=settings.service_id)
+    run(settings)
+
+
+@app.command()
+def learner() -> None:
+    """Train on rewards; push weights to the policy topic; checkpoint with offsets."""
+    from services._learner import run
+
+    settings = _settings()
+    configure_logging("learner")
+    run(settings)
+
+
+@app.command()
+def feeder() -> None:
+    """Publish prompts with backpressure, and eval prompts every eval_every learner steps."""
+    from services._feeder import run
+
+    settings = _settings()
+    configure_logging("feeder")
+    run(settings)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The embedded Triton Inference Server: the real tritonserver from the ``nvidia-pytriton`` wheel, on CPU.
+
+Serves ``judge_llm`` (P(yes) per judge question) and, when the constitution uses it, ``toxicity``
+(P(toxic) per text), both with dynamic batching. Production runs NGC Triton on GPUs with the model repository
+under ``infra/triton``; clients cannot tell the difference.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sysconfig
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from numpy.typing import NDArray
+
+from services._models import prepare_model
+from services._settings import Settings
+from services.triton._scorers import LlmJudge
+
+log = structlog.get_logger(__name__)
+
+JUDGE_MODEL = "judge_llm"
+TOXICITY_MODEL = "toxicity"
+MAX_BATCH = 64
+
+
+def _fix_library_path() -> None:
+    # The Python-backend stub must load *this* interpreter's libpython, not Debian's.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir and not current.startswith(libdir):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+
+
+def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> Callable[..., Any]:
+    from pytriton.decorators import batch
+
+    @batch  # type: ignore[untyped-decorator]
+    def infer(text: NDArray[np.object_]) -> dict[str, NDArray[np.float32]]:
+        strings = [row[0].decode("utf-8", errors="replace") for row in text]
+        return {output: fn(strings).reshape(-1, 1).astype(np.float32)}
+
+    return infer
+
+
+def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:
+    torch.set_num_threads(settings.torch_threads)
+    judge = LlmJudge.from_pretrained(prepare_model(settings.judge_model, settings.cache_dir))
+    scorers: dict[str, tuple[Callable[..., Any], str]] = {JUDGE_MODEL: (_text_model(judge.score, "p_yes"), "p_yes")}
+    if with_toxicity:
+        from services.triton._toxicity import ToxicityClassifier
+
+        clf = ToxicityClassifier()
+        scorers[TOXICITY_MODEL] = (_text_model(clf.p_toxic, "p_toxic"), "p_toxic")
+    return scorers
+
+
+def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | None = None) -> None:
+    """Run Triton until SIGTERM/SIGINT."""
+    _fix_library_path()
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    scorers = build_scorers(settings, with_toxicity)
+    workspace = (settings.run_dir / "triton-workspace").resolve()
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=settings.triton_http_port,
+        grpc_address="127.0.0.1",
+        grpc_port=settings.triton_grpc_port,
+        metrics_address="127.0.0.1",
+        metrics_port=settings.triton_metrics_port,
+        log_verbose=0,
+        exit_on_error=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with Triton(config=config, workspace=str(workspace)) as triton:
+        for name, (fn, output) in scorers.items():
+            triton.bind(
+                model_name=name,
+                infer_func=fn,
+                inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
+                outputs=[Tensor(name=output, dtype=np.float32, shape=(1,))],
+                config=ModelConfig(
+                    max_batch_size=MAX_BATCH,
+                    batcher=DynamicBatcher(max_queue_delay_microseconds=2_000),
+                ),
+                strict=False,
+            )
+        triton.run()
+        log.info("triton_serving", grpc=settings.triton_grpc_port, http=settings.triton_http_port,
+                 models=sorted(scorers))
+        if ready is not None:
+            ready.set()
+        while not stop.wait(0.5):
+            pass
+        log.info("triton_stopping")
+
+
+def workspace_path(settings: Settings) -> Path:
+    return (settings.run_dir / "triton-workspace").resolve()

@@ -1,0 +1,62 @@
+"""Dead-letter routing: a record that cannot be processed is published with its reason, never dropped."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import structlog
+
+from schemas import DeadLetter, RlaifError
+from streams._client import Publisher
+
+log = structlog.get_logger(__name__)
+
+
+class RecordLike(Protocol):
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+def dead_letter_for(record: RecordLike, exc: BaseException, service: str) -> DeadLetter:
+    return DeadLetter(
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        error_type=type(exc).__name__,
+        message=str(exc)[:4000],
+        payload=record.value or b"",
+        service=service,
+        retriable=isinstance(exc, RlaifError) and exc.retriable,
+    )
+
+
+class DeadLetterSink:
+    """Publishes DeadLetter events to the dead-letter topic and logs them with their coordinates."""
+
+    def __init__(self, publisher: Publisher, topic: str, service: str) -> None:
+        self._publisher = publisher
+        self._topic = topic
+        self._service = service
+        self.count = 0
+
+    async def send(self, record: RecordLike, exc: BaseException) -> None:
+        letter = dead_letter_for(record, exc, self._service)
+        log.warning(
+            "dead_lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error_type=letter.error_type,
+            reason=letter.message[:300],
+        )
+        await self._publisher.send(self._topic, letter, key=record.key)
+        self.count += 1
