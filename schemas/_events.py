@@ -26,7 +26,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class Event(msgspec.Struct, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
     """Fields every event carries."""
 
     schema_version: int = SCHEMA_VERSION
@@ -158,9 +158,7 @@ class DeadLetter(Event, tag="dead_letter", frozen=True):
     retriable: bool = False
 
 
-AnyEvent = (
-    PromptTask | Rollout | JudgedRollout | PolicyUpdate | PolicyChunk | LearnerStep | EvalResult | DeadLetter
-)
+AnyEvent = PromptTask | Rollout | JudgedRollout | PolicyUpdate | PolicyChunk | LearnerStep | EvalResult | DeadLetter
 EVENT_TYPES: tuple[type[Event], ...] = (
     PromptTask,
     Rollout,

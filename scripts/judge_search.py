@@ -383,7 +383,8 @@ def _spm_bpe_from_gguf(gguf: Path, tokenizer_json: Path) -> None:
     doc = json.loads(tokenizer_json.read_text())
     doc["model"] = {
         "type": "BPE", "dropout": None, "unk_token": tokens[int(field("tokenizer.ggml.unknown_token_id")[0])],
-        "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+        "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+        "byte_fallback": True,
         "ignore_merges": False, "vocab": vocab, "merges": [[left, right] for left, right, _ in merges],
     }
     doc["pre_tokenizer"] = None

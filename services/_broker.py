@@ -50,9 +50,20 @@ class EmbeddedBroker:
         env = {**os.environ, "RUST_LOG": os.environ.get("RLAIF_BROKER_RUST_LOG", "warn")}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", self.storage],
-            stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self.storage,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=die_with_parent,
         )
         wait_until(lambda: self._alive_or_raise() and port_open(self.host, self.port), timeout_s, "tansu broker")
         log.info("broker_started", bootstrap=self.bootstrap, pid=self._proc.pid, version=tansu_version(binary))

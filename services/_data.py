@@ -34,7 +34,9 @@ def load_prompts(path: Path | None = None) -> list[PromptTask]:
             row = json.loads(line)
             tasks.append(
                 PromptTask(
-                    prompt_id=row["prompt_id"], text=row["text"], split=row.get("split", "train"),
+                    prompt_id=row["prompt_id"],
+                    text=row["text"],
+                    split=row.get("split", "train"),
                     source=row.get("source", "unknown"),
                 )
             )

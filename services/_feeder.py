@@ -3,8 +3,9 @@
 Backpressure comes from the broker itself, at two levels: the feeder compares what it has published on each
 partition with the offsets the ``generators`` group has committed (at most ``max_prompt_lag`` prompts wait),
 and it counts the groups the learner has trained on (from the learner topic), keeping at most
-``groups_per_step × max_staleness`` groups in flight so generation never runs far ahead of learning. Every ``eval_every`` learner steps it also publishes the held-out eval prompts, tagged
-with an eval round, which generators answer greedily.
+``groups_per_step × max_staleness`` groups in flight so generation never runs far ahead of learning.
+Every ``eval_every`` learner steps it also publishes the held-out eval prompts, tagged with an eval round,
+which generators answer greedily.
 """
 
 from __future__ import annotations

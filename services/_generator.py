@@ -70,7 +70,10 @@ class Generator:
         self.generator_id = settings.service_id or f"gen-{free_port()}"
         torch.set_num_threads(settings.torch_threads)
         self.model, self.tokenizer = build_policy(
-            settings.student_model, settings.cache_dir, lora=settings.lora, lora_rank=settings.lora_rank,
+            settings.student_model,
+            settings.cache_dir,
+            lora=settings.lora,
+            lora_rank=settings.lora_rank,
             seed=settings.seed,
         )
         self.version = 0
@@ -107,8 +110,7 @@ class Generator:
                         assembler = None
             except (SchemaError, IntegrityError, OSError) as exc:
                 assembler = None
-                log.error("policy_update_rejected", error=str(exc), offset=record.offset,
-                          serving=self.version)
+                log.error("policy_update_rejected", error=str(exc), offset=record.offset, serving=self.version)
                 await self.dlq.send(record, exc)
 
     def _stage(self, version: int, blob: bytes) -> None:
@@ -136,7 +138,8 @@ class Generator:
         n = 1 if greedy else s.group_size
         self._counter += 1
         seed = int.from_bytes(
-            hashlib.sha256(f"{self.generator_id}:{task.prompt_id}:{self._counter}".encode()).digest()[:4], "big"
+            hashlib.sha256(f"{self.generator_id}:{task.prompt_id}:{self._counter}".encode()).digest()[:4],
+            "big",
         )
         torch.manual_seed(seed)
         prompt_text = render_prompt(self.tokenizer, task.text)
@@ -155,14 +158,17 @@ class Generator:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        new_tokens = out.sequences[:, input_ids.shape[1]:]
+        new_tokens = out.sequences[:, input_ids.shape[1] :]
         logits = torch.stack(out.logits, dim=1).float()  # raw logits: (n, steps, vocab)
         temperature = 1.0 if greedy else s.temperature
         logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         group_id = new_id()
         sampling = SamplingParams(
-            temperature=temperature, top_p=1.0 if greedy else s.top_p, max_new_tokens=s.max_new_tokens,
-            seed=seed, greedy=greedy,
+            temperature=temperature,
+            top_p=1.0 if greedy else s.top_p,
+            max_new_tokens=s.max_new_tokens,
+            seed=seed,
+            greedy=greedy,
         )
         prompt_ids = input_ids[0].tolist()
         rollouts = []
@@ -172,13 +178,20 @@ class Generator:
                 ids = ids[: ids.index(self.tokenizer.eos_token_id) + 1]  # keep EOS: stopping is learned too
             rollouts.append(
                 Rollout(
-                    rollout_id=new_id(), group_id=group_id, group_size=n, prompt_id=task.prompt_id,
+                    rollout_id=new_id(),
+                    group_id=group_id,
+                    group_size=n,
+                    prompt_id=task.prompt_id,
                     prompt=task.text,
                     completion=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                    prompt_token_ids=prompt_ids, completion_token_ids=ids,
+                    prompt_token_ids=prompt_ids,
+                    completion_token_ids=ids,
                     behaviour_logprobs=[min(0.0, float(x)) for x in logprobs[i, : len(ids)]],
-                    policy_version=self.version, generator_id=self.generator_id, sampling=sampling,
-                    split=task.split, eval_round=task.eval_round,
+                    policy_version=self.version,
+                    generator_id=self.generator_id,
+                    sampling=sampling,
+                    split=task.split,
+                    eval_round=task.eval_round,
                 )
             )
         return rollouts
@@ -187,8 +200,9 @@ class Generator:
         await ensure_topics(self.settings.kafka, self.topics.specs())
         await self.publisher.start()
         policy_task = asyncio.create_task(self.follow_policy())
-        consumer = make_consumer(self.settings.kafka, self.topics.prompts, group_id="generators",
-                                 max_poll_interval_ms=600_000)
+        consumer = make_consumer(
+            self.settings.kafka, self.topics.prompts, group_id="generators", max_poll_interval_ms=600_000
+        )
         await consumer.start()
         log.info("generator_started", generator_id=self.generator_id, model=self.settings.student_model)
         try:
@@ -213,8 +227,14 @@ class Generator:
             return
         rollouts = await asyncio.to_thread(self.generate, task)
         await self.publisher.send_many(self.topics.rollouts, [(r.group_id, r) for r in rollouts])
-        log.info("rollouts_published", prompt_id=task.prompt_id, n=len(rollouts), policy_version=self.version,
-                 offset=record.offset, partition=record.partition)
+        log.info(
+            "rollouts_published",
+            prompt_id=task.prompt_id,
+            n=len(rollouts),
+            policy_version=self.version,
+            offset=record.offset,
+            partition=record.partition,
+        )
 
     def stop(self) -> None:
         self._stop.set()

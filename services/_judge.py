@@ -67,10 +67,14 @@ def build_app(settings: Settings) -> Any:
                 return
             await ensure_topics(settings.kafka, topics.specs())
             await publisher.start()
-            log.info("judge_started", judge_id=judge_id, constitution=constitution.constitution_id,
-                     triton=settings.triton_url)
+            log.info(
+                "judge_started",
+                judge_id=judge_id,
+                constitution=constitution.constitution_id,
+                triton=settings.triton_url,
+            )
 
-    @app.agent(rollouts, concurrency=settings.judge_concurrency)  # type: ignore[untyped-decorator]
+    @app.agent(rollouts, concurrency=settings.judge_concurrency)
     async def judge_rollouts(stream: Any) -> None:
         async for event in stream.events():
             await ensure_ready()

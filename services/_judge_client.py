@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import stamina
 import structlog
+from numpy.typing import NDArray
 
 from schemas import (
     Constitution,
@@ -62,9 +64,9 @@ class TritonJudge:
     ssl: bool = False
     root_certificates: str | None = None
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
-    _client: object | None = None
+    _client: Any = None
 
-    def _grpc(self):  # type: ignore[no-untyped-def]
+    def _grpc(self) -> Any:
         if self._client is None:
             import tritonclient.grpc.aio as grpcclient
 
@@ -75,10 +77,10 @@ class TritonJudge:
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.close()  # type: ignore[attr-defined]
+            await self._client.close()
             self._client = None
 
-    async def _infer(self, model: str, texts: list[str], output: str) -> np.ndarray:
+    async def _infer(self, model: str, texts: list[str], output: str) -> NDArray[np.float64]:
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -88,7 +90,9 @@ class TritonJudge:
         tensor.set_data_from_numpy(data)
         try:
             result = await self._grpc().infer(
-                model, [tensor], outputs=[grpcclient.InferRequestedOutput(output)],
+                model,
+                [tensor],
+                outputs=[grpcclient.InferRequestedOutput(output)],
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
@@ -128,7 +132,10 @@ class TritonJudge:
         scores: dict[str, float] | None = None
         async for attempt in stamina.retry_context(
             on=lambda exc: isinstance(exc, JudgeError) and exc.retriable,
-            attempts=attempts, wait_initial=0.2, wait_max=5.0, wait_jitter=0.5,
+            attempts=attempts,
+            wait_initial=0.2,
+            wait_max=5.0,
+            wait_jitter=0.5,
         ):
             with attempt:
                 scores = await self.score(rollout)

@@ -27,7 +27,16 @@ from services._learner_algo import LossConfig, completion_logprobs, group_advant
 from services._models import load_causal_lm
 from services._policy import build_policy, serialize_weights, trainable_state
 from services._settings import Settings
-from streams import DeadLetterSink, Publisher, decode, encode, ensure_topics, make_consumer, sha256_hex, split_chunks
+from streams import (
+    DeadLetterSink,
+    Publisher,
+    decode,
+    encode,
+    ensure_topics,
+    make_consumer,
+    sha256_hex,
+    split_chunks,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +52,14 @@ class LearnerState:
     pending: dict[str, dict[str, JudgedRollout]] = field(default_factory=dict)  # group -> rollout -> event
     group_seen_at: dict[str, float] = field(default_factory=dict)
     counters: dict[str, int] = field(
-        default_factory=lambda: {"consumed": 0, "duplicates": 0, "dropped_stale": 0, "dropped_incomplete": 0,
-                                 "eval_consumed": 0, "dead_lettered": 0}
+        default_factory=lambda: {
+            "consumed": 0,
+            "duplicates": 0,
+            "dropped_stale": 0,
+            "dropped_incomplete": 0,
+            "eval_consumed": 0,
+            "dead_lettered": 0,
+        }
     )
 
 
@@ -55,7 +70,10 @@ class Learner:
         torch.manual_seed(settings.seed)
         self.topics = settings.topics
         self.model, self.tokenizer = build_policy(
-            settings.student_model, settings.cache_dir, lora=settings.lora, lora_rank=settings.lora_rank,
+            settings.student_model,
+            settings.cache_dir,
+            lora=settings.lora,
+            lora_rank=settings.lora_rank,
             seed=settings.seed,
         )
         self.model.train()
@@ -81,11 +99,12 @@ class Learner:
                 tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
         st_ = self.state
         meta = {
-            "step": str(st_.step), "version": str(st_.version), "offsets": json.dumps(st_.offsets),
-            "trained": json.dumps(sorted(st_.trained)), "counters": json.dumps(st_.counters),
-            "pending": json.dumps(
-                [encode(e).decode() for group in st_.pending.values() for e in group.values()]
-            ),
+            "step": str(st_.step),
+            "version": str(st_.version),
+            "offsets": json.dumps(st_.offsets),
+            "trained": json.dumps(sorted(st_.trained)),
+            "counters": json.dumps(st_.counters),
+            "pending": json.dumps([encode(e).decode() for group in st_.pending.values() for e in group.values()]),
         }
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_path.with_suffix(".tmp")
@@ -204,12 +223,14 @@ class Learner:
             )
             self.optimizer.step()
             metrics = {**sums, "grad_norm": float(grad_norm)}
-        metrics.update({
-            "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
-            "trained_rollouts": float(len(rows)),
-            "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
-            "staleness_max": float(max(staleness, default=0)),
-        })
+        metrics.update(
+            {
+                "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
+                "trained_rollouts": float(len(rows)),
+                "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
+                "staleness_max": float(max(staleness, default=0)),
+            }
+        )
         for members in groups:
             st_.trained.update(m.rollout.rollout_id for m in members)
             st_.pending.pop(members[0].rollout.group_id, None)
@@ -230,9 +251,14 @@ class Learner:
         os.replace(tmp, path)
         chunks = split_chunks(blob, st_.version) if len(blob) <= INLINE_MAX_BYTES else []
         update = PolicyUpdate(
-            policy_version=st_.version, learner_step=st_.step, base_model=self.s.student_model,
-            kind="lora" if self.s.lora else "full", sha256=chunks[0].sha256 if chunks else sha256_hex(blob),
-            size_bytes=len(blob), n_chunks=len(chunks), uri=None if chunks else f"file://{path}",
+            policy_version=st_.version,
+            learner_step=st_.step,
+            base_model=self.s.student_model,
+            kind="lora" if self.s.lora else "full",
+            sha256=chunks[0].sha256 if chunks else sha256_hex(blob),
+            size_bytes=len(blob),
+            n_chunks=len(chunks),
+            uri=None if chunks else f"file://{path}",
             metrics=metrics,
         )
         await self.publisher.send(self.topics.policy, update, key=str(st_.version))
@@ -271,10 +297,12 @@ class Learner:
                     await self.publisher.send(
                         self.topics.learner,
                         LearnerStep(
-                            step=st_.step, policy_version=st_.version,
+                            step=st_.step,
+                            policy_version=st_.version,
                             rollout_ids=[m.rollout.rollout_id for g in groups for m in g],
                             rollout_versions=[m.rollout.policy_version for g in groups for m in g],
-                            reward_mean=metrics["reward_mean"], metrics=metrics,
+                            reward_mean=metrics["reward_mean"],
+                            metrics=metrics,
                         ),
                     )
                     log.info("learner_step", step=st_.step, **{k: round(v, 4) for k, v in metrics.items()})
@@ -283,8 +311,13 @@ class Learner:
                     if st_.step % s.checkpoint_every == 0:
                         self.save_checkpoint()
             self.save_checkpoint()
-            log.info("learner_finished", step=st_.step, version=st_.version, counters=st_.counters,
-                     pending=sum(len(g) for g in st_.pending.values()))
+            log.info(
+                "learner_finished",
+                step=st_.step,
+                version=st_.version,
+                counters=st_.counters,
+                pending=sum(len(g) for g in st_.pending.values()),
+            )
         finally:
             await consumer.stop()
             await self.publisher.stop()
@@ -306,4 +339,3 @@ def run(settings: Settings) -> None:
 
 def checkpoint_path(run_dir: Path) -> Path:
     return (run_dir / "learner" / "checkpoint.safetensors").resolve()
-

@@ -72,12 +72,17 @@ class RunStats:
                     acc = self.principle_sums[pid]
                     acc[0] += score
                     acc[1] += 1
-            self.latest_rollouts.append({
-                "rollout_id": event.rollout.rollout_id, "policy_version": event.rollout.policy_version,
-                "prompt": event.rollout.prompt[:120], "completion": event.rollout.completion[:200],
-                "reward": round(event.reward, 4), "scores": {k: round(v, 3) for k, v in event.scores.items()},
-                "split": event.rollout.split,
-            })
+            self.latest_rollouts.append(
+                {
+                    "rollout_id": event.rollout.rollout_id,
+                    "policy_version": event.rollout.policy_version,
+                    "prompt": event.rollout.prompt[:120],
+                    "completion": event.rollout.completion[:200],
+                    "reward": round(event.reward, 4),
+                    "scores": {k: round(v, 3) for k, v in event.scores.items()},
+                    "split": event.rollout.split,
+                }
+            )
         elif isinstance(event, LearnerStep):
             self.learner_steps = max(self.learner_steps, event.step)
             if event.step not in self.reward_mean_by_step:
@@ -89,8 +94,13 @@ class RunStats:
                 self.policy_versions.append(event.policy_version)
                 self.policy_bytes[event.policy_version] = event.size_bytes
         elif isinstance(event, EvalResult):
-            self.eval_results.append({"policy_version": event.policy_version, "reward": event.reward_mean,
-                                      "by_principle": event.by_principle})
+            self.eval_results.append(
+                {
+                    "policy_version": event.policy_version,
+                    "reward": event.reward_mean,
+                    "by_principle": event.by_principle,
+                }
+            )
         elif isinstance(event, DeadLetter):
             self.dead_letters += 1
             self.dead_letter_reasons[f"{event.source_topic}:{event.error_type}"] += 1
@@ -105,8 +115,7 @@ class RunStats:
 
     def eval_reward_by_version(self) -> dict[int, dict[str, float]]:
         return {
-            v: {k: sum(xs) / len(xs) for k, xs in sorted(d.items())}
-            for v, d in sorted(self.eval_by_version.items())
+            v: {k: sum(xs) / len(xs) for k, xs in sorted(d.items())} for v, d in sorted(self.eval_by_version.items())
         }
 
 

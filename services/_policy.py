@@ -54,9 +54,7 @@ def load_weights_blob(blob: bytes, model: Any, lora: bool) -> dict[str, torch.Te
     expected = trainable_state(model, lora)
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or unexpected:
-        raise IntegrityError(
-            f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
+        raise IntegrityError(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     for name, tensor in tensors.items():
         ref = expected[name]
         if tensor.shape != ref.shape or tensor.dtype != ref.dtype:

@@ -53,9 +53,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="RLAIF_", env_file=os.environ.get("RLAIF_ENV_FILE"), extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="RLAIF_", env_file=os.environ.get("RLAIF_ENV_FILE"), extra="ignore")
 
     profile: Profile = "default"
     run_dir: Path = Path("runs/latest")
@@ -132,7 +130,7 @@ class Settings(BaseSettings):
         for name, value in self.kafka.model_dump().items():
             if value is None:
                 continue
-            if name == "sasl_password":
-                value = self.kafka.sasl_password.get_secret_value() if self.kafka.sasl_password else ""
-            out[f"RLAIF_KAFKA_{name.upper()}"] = str(value)
+            secret = self.kafka.sasl_password
+            text = secret.get_secret_value() if name == "sasl_password" and secret else str(value)
+            out[f"RLAIF_KAFKA_{name.upper()}"] = text
         return out

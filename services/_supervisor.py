@@ -50,8 +50,13 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent,
+            self.argv,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         out.close()
         self.restart_at = None
@@ -83,8 +88,7 @@ class Child:
         delay = min(30.0, 2.0 ** min(self.restarts, 5))
         self.restarts += 1
         self.restart_at = time.monotonic() + delay
-        log.warning("service_crashed", service=self.name, exit_code=code, restart_in_s=delay,
-                    log=str(self.log_path))
+        log.warning("service_crashed", service=self.name, exit_code=code, restart_in_s=delay, log=str(self.log_path))
 
 
 class Supervisor:
@@ -191,18 +195,38 @@ async def up(
             port = free_port()
             url = f"tcp://127.0.0.1:{port}"
             binary = tansu_binary()
-            sup.add(Child("broker", [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                     "--storage-engine", "memory://tansu/"],
-                          {**os.environ, "RUST_LOG": "warn"}, logs / "broker.log"))
+            sup.add(
+                Child(
+                    "broker",
+                    [
+                        binary,
+                        "broker",
+                        "--listener-url",
+                        url,
+                        "--advertised-listener-url",
+                        url,
+                        "--storage-engine",
+                        "memory://tansu/",
+                    ],
+                    {**os.environ, "RUST_LOG": "warn"},
+                    logs / "broker.log",
+                )
+            )
             settings.kafka.bootstrap_servers = f"127.0.0.1:{port}"
-            broker_info = {"name": "tansu", "version": tansu_version(binary), "bootstrap": f"127.0.0.1:{port}"}
+            broker_info = {
+                "name": "tansu",
+                "version": tansu_version(binary),
+                "bootstrap": f"127.0.0.1:{port}",
+            }
         await wait_for_broker(settings.kafka)
         await ensure_topics(settings.kafka, settings.topics.specs())
         log.info("preparing_models", student=settings.student_model, judge=settings.judge_model)
         for name in {settings.student_model, settings.judge_model}:
             await asyncio.to_thread(prepare_model, name, settings.cache_dir)
         settings.triton_grpc_port, settings.triton_http_port, settings.triton_metrics_port = (
-            free_port(), free_port(), free_port()
+            free_port(),
+            free_port(),
+            free_port(),
         )
         settings.triton_url = f"127.0.0.1:{settings.triton_grpc_port}"
         env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
@@ -211,14 +235,28 @@ async def up(
         await asyncio.to_thread(_wait_triton, settings.triton_http_port, models, 300.0, triton)
         triton_info = await _triton_info(settings.triton_url, models)
         learner_env = {**env, "RLAIF_MAX_STEPS": str(steps)}
-        learner = sup.add(Child("learner", _service_argv("learner"), learner_env, logs / "learner.log",
-                                one_shot=steps > 0))
+        learner = sup.add(
+            Child("learner", _service_argv("learner"), learner_env, logs / "learner.log", one_shot=steps > 0)
+        )
         for i in range(judges):
-            sup.add(Child(f"judge-{i}", _service_argv("judge"), {**env, "RLAIF_SERVICE_ID": f"judge-{i}"},
-                          logs / f"judge-{i}.log", stop_signal=signal.SIGINT))
+            sup.add(
+                Child(
+                    f"judge-{i}",
+                    _service_argv("judge"),
+                    {**env, "RLAIF_SERVICE_ID": f"judge-{i}"},
+                    logs / f"judge-{i}.log",
+                    stop_signal=signal.SIGINT,
+                )
+            )
         for i in range(generators):
-            sup.add(Child(f"generator-{i}", _service_argv("generator"),
-                          {**env, "RLAIF_SERVICE_ID": f"generator-{i}"}, logs / f"generator-{i}.log"))
+            sup.add(
+                Child(
+                    f"generator-{i}",
+                    _service_argv("generator"),
+                    {**env, "RLAIF_SERVICE_ID": f"generator-{i}"},
+                    logs / f"generator-{i}.log",
+                )
+            )
         sup.add(Child("feeder", _service_argv("feeder"), env, logs / "feeder.log"))
         monitor = asyncio.create_task(follow(settings.kafka, settings.topics, stats))
         from services._progress import Progress
@@ -248,13 +286,13 @@ async def up(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await monitor
         await asyncio.to_thread(sup.stop_all)
-        served = {g: sorted(vs) for g, vs in stats.versions_by_generator.items()}
+        served_by: dict[str, list[int]] = {g: sorted(vs) for g, vs in stats.versions_by_generator.items()}
         elapsed = time.monotonic() - t0
         report = {
             "profile": settings.profile,
             "learner_steps": stats.learner_steps,
             "policy_versions_published": sorted(stats.policy_versions),
-            "generator_versions_served": served,
+            "generator_versions_served": served_by,
             "rollouts_published": stats.train_rollouts + stats.eval_rollouts,
             "train_rollouts_published": stats.train_rollouts,
             "eval_rollouts_published": stats.eval_rollouts,
@@ -276,8 +314,12 @@ async def up(
             "judged_per_s": round(len(stats.judged_ids) / elapsed, 3),
             "run_dir": str(run_dir),
         }
-        report["loop_closed"] = any(v > 0 for vs in served.values() for v in vs)
+        report["loop_closed"] = any(v > 0 for vs in served_by.values() for v in vs)
         if report_path is not None:
-            report_path.parent.mkdir(parents=True, exist_ok=True)
-            report_path.write_text(json.dumps(report, indent=2))
+            await asyncio.to_thread(_write_json, report_path, report)
     return report
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))

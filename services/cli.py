@@ -9,7 +9,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,7 +19,7 @@ from services._settings import Settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 
-def _settings(**overrides: object) -> Settings:
+def _settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -41,12 +41,29 @@ def up(
     settings = _settings(profile=profile, run_dir=run_dir or Path("runs") / stamp)
     configure_logging("supervisor")
     result = asyncio.run(
-        run_up(settings, steps=steps, report_path=report, generators=generators, judges=judges,
-               embedded_broker=not external_broker, minutes=minutes)
+        run_up(
+            settings,
+            steps=steps,
+            report_path=report,
+            generators=generators,
+            judges=judges,
+            embedded_broker=not external_broker,
+            minutes=minutes,
+        )
     )
-    summary = {k: result[k] for k in ("learner_steps", "policy_versions_published", "generator_versions_served",
-                                       "rollouts_published", "rewards_published", "rewards_consumed_by_learner",
-                                       "wall_seconds", "loop_closed")}
+    summary = {
+        k: result[k]
+        for k in (
+            "learner_steps",
+            "policy_versions_published",
+            "generator_versions_served",
+            "rollouts_published",
+            "rewards_published",
+            "rewards_consumed_by_learner",
+            "wall_seconds",
+            "loop_closed",
+        )
+    }
     print(json.dumps(summary, indent=2))
     if steps and not result["loop_closed"]:
         print("the loop did not close: no generator served a pushed policy version", file=sys.stderr)

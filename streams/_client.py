@@ -7,6 +7,7 @@ under-reports the third. Delivery is at-least-once; consumers dedupe by event id
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -37,9 +38,7 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**kwargs)
 
 
-def make_consumer(
-    cfg: KafkaConfig, *topics: str, group_id: str | None, **overrides: Any
-) -> AIOKafkaConsumer:
+def make_consumer(cfg: KafkaConfig, *topics: str, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:
     kwargs: dict[str, Any] = {
         **cfg.client_kwargs(),
         "group_id": group_id,
@@ -85,10 +84,8 @@ async def ensure_topics(cfg: KafkaConfig, specs: Iterable[TopicSpec]) -> None:
             if s.name not in existing
         ]
         for topic in missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 await admin.create_topics([topic])
-            except TopicAlreadyExistsError:
-                pass  # another process won the race
     finally:
         await admin.close()
 
@@ -155,9 +152,7 @@ class Publisher:
         """Send a batch and wait for every ack (batched on the wire, unlike repeated send())."""
         futures = []
         for key, event in events:
-            futures.append(
-                await self._producer.send(topic, encode(event), key=key.encode() if key else None)
-            )
+            futures.append(await self._producer.send(topic, encode(event), key=key.encode() if key else None))
         try:
             await asyncio.gather(*futures)
         except KafkaError as exc:

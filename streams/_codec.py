@@ -35,9 +35,7 @@ def _check(data: bytes) -> None:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise SchemaError(f"not a JSON event: {exc}") from exc
     if header.schema_version > SCHEMA_VERSION:
-        raise UnknownSchemaVersion(
-            f"schema_version {header.schema_version} is newer than supported {SCHEMA_VERSION}"
-        )
+        raise UnknownSchemaVersion(f"schema_version {header.schema_version} is newer than supported {SCHEMA_VERSION}")
 
 
 def decode(data: bytes | None, event_type: type[E]) -> E:

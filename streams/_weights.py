@@ -17,9 +17,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def split_chunks(
-    blob: bytes, policy_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> list[PolicyChunk]:
+def split_chunks(blob: bytes, policy_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[PolicyChunk]:
     """Cut a weight file into ordered chunks.
 
     >>> [len(c.data) for c in split_chunks(b"x" * 10, 1, chunk_bytes=4)]

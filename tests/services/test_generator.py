@@ -1,0 +1,97 @@
+"""The generator alone, against a real broker, with the tiny student."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import torch
+
+from schemas import DeadLetter, PolicyChunk, PolicyUpdate, PromptTask, Rollout
+from services._generator import Generator
+from services._policy import build_policy, serialize_weights
+from services._settings import Settings
+from streams import Publisher, decode, decode_any, ensure_topics, sha256_hex, split_chunks
+from tests.services.helpers import collect, stop_task
+
+
+async def publish_weights(pub: Publisher, settings: Settings, version: int, blob: bytes) -> None:
+    chunks = split_chunks(blob, version, chunk_bytes=64 * 1024)
+    update = PolicyUpdate(
+        policy_version=version,
+        learner_step=version,
+        base_model=settings.student_model,
+        kind="full",
+        sha256=sha256_hex(blob),
+        size_bytes=len(blob),
+        n_chunks=len(chunks),
+    )
+    await pub.send(settings.topics.policy, update)
+    await pub.send_many(settings.topics.policy, [(None, c) for c in chunks])
+
+
+async def test_generates_groups_and_hot_swaps_verified_weights(tiny_settings: Settings) -> None:
+    s = tiny_settings
+    await ensure_topics(s.kafka, s.topics.specs())
+    gen = Generator(s)
+    task = asyncio.create_task(gen.run())
+    async with Publisher(s.kafka) as pub:
+        await pub.send(s.topics.prompts, PromptTask(prompt_id="p1", text="How do I boil an egg?"))
+        records = await collect(s.kafka, s.topics.rollouts, lambda rs: len(rs) >= s.group_size)
+        rollouts = [decode(r.value, Rollout) for r in records]
+        assert len({r.group_id for r in rollouts}) == 1 and len(rollouts) == s.group_size
+        for r in rollouts:
+            assert r.policy_version == 0 and r.completion_token_ids
+            assert len(r.behaviour_logprobs) == len(r.completion_token_ids)
+            assert all(math.isfinite(x) and x <= 0 for x in r.behaviour_logprobs)
+            assert r.prompt_token_ids and r.sampling.seed is not None
+
+        # new weights: a perturbed copy of the same model, published as verified chunks
+        model, _ = build_policy(s.student_model, s.cache_dir, lora=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        await publish_weights(pub, s, 1, serialize_weights(model, lora=False))
+        # a corrupted v2 must be refused: generator keeps serving v1 and dead-letters the bad record
+        good = serialize_weights(model, lora=False)
+        bad_update = PolicyUpdate(
+            policy_version=2,
+            learner_step=2,
+            base_model="m",
+            kind="full",
+            sha256=sha256_hex(good),
+            size_bytes=len(good),
+            n_chunks=1,
+        )
+        await pub.send(s.topics.policy, bad_update)
+        corrupted = good[:-10] + b"x" * 10
+        await pub.send(
+            s.topics.policy,
+            PolicyChunk(policy_version=2, index=0, total=1, sha256=sha256_hex(good), data=corrupted),
+        )
+        letters = await collect(s.kafka, s.topics.dead_letters, lambda rs: len(rs) >= 1)
+        letter = decode(letters[0].value, DeadLetter)
+        assert letter.error_type == "IntegrityError" and "sha256" in letter.message
+        assert isinstance(decode_any(letter.payload), PolicyChunk)
+
+        await pub.send(s.topics.prompts, PromptTask(prompt_id="p2", text="Name a colour."))
+        records = await collect(s.kafka, s.topics.rollouts, lambda rs: len(rs) >= 2 * s.group_size)
+        later = [decode(r.value, Rollout) for r in records[s.group_size :]]
+        assert {r.policy_version for r in later} == {1}
+        assert gen.version == 1
+    await stop_task(task, gen.stop)
+
+
+async def test_bad_prompt_is_dead_lettered_and_generator_goes_on(tiny_settings: Settings) -> None:
+    s = tiny_settings
+    await ensure_topics(s.kafka, s.topics.specs())
+    gen = Generator(s)
+    task = asyncio.create_task(gen.run())
+    async with Publisher(s.kafka) as pub:
+        await pub.send_raw(s.topics.prompts, b"\x00not json", key=b"k")
+        await pub.send(s.topics.prompts, PromptTask(prompt_id="p1", text="Hello"))
+        letters = await collect(s.kafka, s.topics.dead_letters, lambda rs: len(rs) >= 1)
+        letter = decode(letters[0].value, DeadLetter)
+        assert letter.payload == b"\x00not json" and letter.source_topic == s.topics.prompts
+        await collect(s.kafka, s.topics.rollouts, lambda rs: len(rs) >= s.group_size)
+    await stop_task(task, gen.stop)
