@@ -46,7 +46,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lora": True,
         "eval_every": 5,
         "eval_prompts": 8,
-        "judge_concurrency": 8,
+        "judge_concurrency": 4,
         "max_staleness": 4,
     },
 }
@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
-    triton_timeout_s: float = 30.0
+    # a CPU judge queues requests behind big batches; a short deadline would only re-send work it still does
+    triton_timeout_s: float = 300.0
+    triton_threads: int = Field(default=2, ge=1)
 
     constitution: Path = Path(str(_DATA / "constitution.yaml"))
     prompts: Path = Path(str(_DATA / "prompts.jsonl"))

@@ -78,6 +78,7 @@ class LlmJudge:
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 position_ids=left_padded_positions(enc["attention_mask"]),
+                logits_to_keep=1,  # only the next-token distribution matters: skip a (batch, seq, vocab) tensor
             )
             .logits[:, -1, :]
             .float()

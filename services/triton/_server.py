@@ -51,7 +51,7 @@ def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> 
 
 
 def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.triton_threads)
     judge = LlmJudge.from_pretrained(prepare_model(settings.judge_model, settings.cache_dir))
     scorers: dict[str, tuple[Callable[..., Any], str]] = {JUDGE_MODEL: (_text_model(judge.score, "p_yes"), "p_yes")}
     if with_toxicity:
