@@ -48,7 +48,8 @@ class LearnerState:
     step: int = 0
     version: int = 0
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset to read
-    trained: set[str] = field(default_factory=set)  # the ledger of rollout ids already trained on
+    trained: set[str] = field(default_factory=set)  # the ledger: rollout ids trained on ...
+    dropped: set[str] = field(default_factory=set)  # ... and ids deliberately not trained on (stale, incomplete)
     pending: dict[str, dict[str, JudgedRollout]] = field(default_factory=dict)  # group -> rollout -> event
     group_seen_at: dict[str, float] = field(default_factory=dict)
     counters: dict[str, int] = field(
@@ -58,6 +59,7 @@ class LearnerState:
             "dropped_stale": 0,
             "dropped_incomplete": 0,
             "eval_consumed": 0,
+            "trained_rows": 0,
             "dead_lettered": 0,
         }
     )
@@ -83,11 +85,13 @@ class Learner:
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
         self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)
         self.state = LearnerState()
-        self.ckpt_path = (settings.run_dir / "learner" / "checkpoint.safetensors").resolve()
+        self.ckpt_path = checkpoint_path(settings.run_dir)
         self.policy_store = (settings.run_dir / "policy").resolve()
         self.publisher = Publisher(settings.kafka)
         self.dlq = DeadLetterSink(self.publisher, self.topics.dead_letters, service="learner")
         self._stop = asyncio.Event()
+        self.last_trained_ids: list[str] = []
+        self.last_trained_versions: list[int] = []
         self.load_checkpoint()
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -103,6 +107,7 @@ class Learner:
             "version": str(st_.version),
             "offsets": json.dumps(st_.offsets),
             "trained": json.dumps(sorted(st_.trained)),
+            "dropped": json.dumps(sorted(st_.dropped)),
             "counters": json.dumps(st_.counters),
             "pending": json.dumps([encode(e).decode() for group in st_.pending.values() for e in group.values()]),
         }
@@ -134,6 +139,7 @@ class Learner:
         st_.step, st_.version = int(meta["step"]), int(meta["version"])
         st_.offsets = json.loads(meta["offsets"])
         st_.trained = set(json.loads(meta["trained"]))
+        st_.dropped = set(json.loads(meta.get("dropped", "[]")))
         st_.counters.update(json.loads(meta["counters"]))
         for raw in json.loads(meta["pending"]):
             event = decode(raw.encode(), JudgedRollout)
@@ -156,7 +162,7 @@ class Learner:
             st_.counters["eval_consumed"] += 1
             return
         group = st_.pending.setdefault(rollout.group_id, {})
-        if rollout.rollout_id in st_.trained or rollout.rollout_id in group:
+        if rollout.rollout_id in st_.trained or rollout.rollout_id in st_.dropped or rollout.rollout_id in group:
             st_.counters["duplicates"] += 1  # at-least-once delivery: the ledger makes it effectively-once
             return
         st_.counters["consumed"] += 1
@@ -174,7 +180,7 @@ class Learner:
                 ready.append(members)
             elif timed_out:
                 st_.counters["dropped_incomplete"] += len(members)
-                st_.trained.update(m.rollout.rollout_id for m in members)
+                st_.dropped.update(m.rollout.rollout_id for m in members)
                 del st_.pending[gid]
         return ready
 
@@ -184,10 +190,11 @@ class Learner:
         staleness = []
         for members in groups:
             fresh = [m for m in members if st_.version - m.rollout.policy_version <= self.s.max_staleness]
-            st_.counters["dropped_stale"] += len(members) - len(fresh)
-            if len(fresh) < 2:
-                st_.counters["dropped_stale"] += len(fresh)
-                continue
+            if len(fresh) < 2:  # one completion has no group to be compared with
+                fresh = []
+            stale = [m.rollout.rollout_id for m in members if m not in fresh]
+            st_.counters["dropped_stale"] += len(stale)
+            st_.dropped.update(stale)
             for m, a in zip(fresh, group_advantages([m.reward for m in fresh]), strict=True):
                 rows.append(m)
                 advantages.append(a)
@@ -231,12 +238,14 @@ class Learner:
                 "staleness_max": float(max(staleness, default=0)),
             }
         )
+        st_.trained.update(m.rollout.rollout_id for m in rows)
+        st_.counters["trained_rows"] += len(rows)
         for members in groups:
-            st_.trained.update(m.rollout.rollout_id for m in members)
             st_.pending.pop(members[0].rollout.group_id, None)
             st_.group_seen_at.pop(members[0].rollout.group_id, None)
         st_.step += 1
-        self._last_rows = rows
+        self.last_trained_ids = [m.rollout.rollout_id for m in rows]
+        self.last_trained_versions = [m.rollout.policy_version for m in rows]
         return metrics
 
     # ---- publishing weights ------------------------------------------------------------------------
@@ -299,8 +308,8 @@ class Learner:
                         LearnerStep(
                             step=st_.step,
                             policy_version=st_.version,
-                            rollout_ids=[m.rollout.rollout_id for g in groups for m in g],
-                            rollout_versions=[m.rollout.policy_version for g in groups for m in g],
+                            rollout_ids=self.last_trained_ids,
+                            rollout_versions=self.last_trained_versions,
                             reward_mean=metrics["reward_mean"],
                             metrics=metrics,
                         ),
@@ -339,3 +348,23 @@ def run(settings: Settings) -> None:
 
 def checkpoint_path(run_dir: Path) -> Path:
     return (run_dir / "learner" / "checkpoint.safetensors").resolve()
+
+
+def read_checkpoint_accounting(run_dir: Path) -> dict[str, Any] | None:
+    """The learner's ledger as saved atomically with its weights: trained / dropped / pending ids, offsets."""
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    pending = [decode(raw.encode(), JudgedRollout).rollout.rollout_id for raw in json.loads(meta["pending"])]
+    return {
+        "step": int(meta["step"]),
+        "trained": set(json.loads(meta["trained"])),
+        "dropped": set(json.loads(meta.get("dropped", "[]"))),
+        "pending": set(pending),
+        "offsets": json.loads(meta["offsets"]),
+        "counters": json.loads(meta["counters"]),
+    }

@@ -22,6 +22,7 @@ class RunStats:
     train_rollouts: int = 0
     eval_rollouts: int = 0
     judged_ids: set[str] = field(default_factory=set)
+    judged_train_at: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # id -> first record
     rewards_published: int = 0
     learner_steps: int = 0
     learner_consumed: int = 0
@@ -39,9 +40,9 @@ class RunStats:
     recent: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=4000))
     latest_rollouts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
 
-    def observe(self, topic: str, value: bytes | None, topics: Topics) -> None:
+    def observe(self, record: Any) -> None:
         try:
-            event = decode_any(value)
+            event = decode_any(record.value)
         except SchemaError:
             self.malformed += 1
             return
@@ -62,6 +63,8 @@ class RunStats:
                 return
             self.judged_ids.add(event.rollout.rollout_id)
             self.recent.append((now, "judged"))
+            if event.rollout.split == "train":
+                self.judged_train_at[event.rollout.rollout_id] = (record.topic, record.partition, record.offset)
             if event.rollout.split == "eval":
                 per_version = self.eval_by_version.setdefault(event.rollout.policy_version, {})
                 per_version.setdefault("reward", []).append(event.reward)
@@ -123,4 +126,39 @@ async def follow(cfg: KafkaConfig, topics: Topics, stats: RunStats) -> None:
     """Feed every record of the run's topics into ``stats``; runs until cancelled."""
     names = [topics.rollouts, topics.rewards, topics.policy, topics.learner, topics.eval, topics.dead_letters]
     async for record in read_from_start(cfg, names):
-        stats.observe(record.topic, record.value, topics)
+        stats.observe(record)
+
+
+def learner_accounting(stats: RunStats, ledger: dict[str, Any] | None) -> dict[str, Any]:
+    """Check effectively-once accounting: every judged train rollout is trained once, dropped on purpose, or
+    still pending (buffered in the checkpoint, or on the topic past the learner's saved offsets)."""
+    judged = stats.judged_train_at
+    if ledger is None:
+        return {
+            "rollouts_judged": len(judged),
+            "learner_trained": 0,
+            "learner_unique": 0,
+            "learner_dropped_stale": 0,
+            "learner_pending_at_exit": len(judged),
+            "lost": 0,
+        }
+    trained_rows = int(ledger["counters"].get("trained_rows", 0))
+    trained, dropped = ledger["trained"] & judged.keys(), ledger["dropped"] & judged.keys()
+    pending, lost = 0, []
+    for rid, (topic, partition, offset) in judged.items():
+        if rid in trained or rid in dropped:
+            continue
+        if rid in ledger["pending"] or offset >= ledger["offsets"].get(f"{topic}:{partition}", 0):
+            pending += 1
+        else:
+            lost.append(rid)
+    return {
+        "rollouts_judged": len(judged),
+        "learner_trained": trained_rows,
+        "learner_unique": len(ledger["trained"]),
+        "learner_dropped_stale": len(dropped),
+        "learner_pending_at_exit": pending,
+        "lost": len(lost),
+        "lost_ids": lost[:20],
+        "double_counted": trained_rows - len(ledger["trained"]),
+    }

@@ -314,6 +314,11 @@ async def up(
             "judged_per_s": round(len(stats.judged_ids) / elapsed, 3),
             "run_dir": str(run_dir),
         }
+        from services._learner import read_checkpoint_accounting
+        from services._monitor import learner_accounting
+
+        report.update(learner_accounting(stats, read_checkpoint_accounting(run_dir)))
+        report["dead_lettered"] = stats.dead_letters
         report["loop_closed"] = any(v > 0 for vs in served_by.values() for v in vs)
         if report_path is not None:
             await asyncio.to_thread(_write_json, report_path, report)

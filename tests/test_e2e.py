@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from services._proc import die_with_parent
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,7 @@ def test_tiny_loop_closes_and_leaves_nothing_behind(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        preexec_fn=die_with_parent,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     r = json.loads(report.read_text())
@@ -75,6 +78,10 @@ def test_tiny_loop_closes_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert r["broker"]["name"] == "tansu" and r["broker"]["version"].startswith("tansu")
     assert r["triton"]["version"] and "judge_llm" in r["triton"]["models"]
     assert r["wall_seconds"] > 0 and r["loop_closed"] is True
+    # effectively-once accounting, checked against the rewards topic and the learner's saved ledger
+    assert r["learner_trained"] == r["learner_unique"] == 24
+    assert r["rollouts_judged"] == r["learner_unique"] + r["learner_dropped_stale"] + r["learner_pending_at_exit"]
+    assert r["lost"] == 0 and r["double_counted"] == 0
     assert not wait_gone(before), "processes left behind after rlaif up"
 
 
@@ -99,6 +106,7 @@ def test_sigterm_shuts_everything_down(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_parent,
     )
     deadline = time.monotonic() + 180
     learner_log = tmp_path / "run" / "logs" / "learner.log"

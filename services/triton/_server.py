@@ -8,8 +8,10 @@ under ``infra/triton``; clients cannot tell the difference.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sysconfig
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -69,8 +71,10 @@ def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | N
     from pytriton.triton import Triton, TritonConfig
 
     scorers = build_scorers(settings, with_toxicity)
-    workspace = (settings.run_dir / "triton-workspace").resolve()
-    workspace.parent.mkdir(parents=True, exist_ok=True)
+    # PyTriton puts zmq IPC sockets in the workspace; their paths must stay under 107 bytes, so the
+    # workspace lives in a short temporary directory rather than under a possibly deep run dir.
+    scratch = Path(tempfile.mkdtemp(prefix="rlaif-triton-"))
+    workspace = scratch / "ws"  # PyTriton creates the workspace itself
     config = TritonConfig(
         http_address="127.0.0.1",
         http_port=settings.triton_http_port,
@@ -109,7 +113,4 @@ def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | N
         while not stop.wait(0.5):
             pass
         log.info("triton_stopping")
-
-
-def workspace_path(settings: Settings) -> Path:
-    return (settings.run_dir / "triton-workspace").resolve()
+    shutil.rmtree(scratch, ignore_errors=True)
