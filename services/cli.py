@@ -137,6 +137,23 @@ def feeder() -> None:
     run(settings)
 
 
+def _register_extensions() -> None:
+    """Command groups that live in their own modules (each exposes ``register(app)``)."""
+    import importlib
+
+    for module in ("services._cli_audit", "services._cli_bench", "services._cli_reliability", "services._cli_ops"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_extensions()
+
+
 def main() -> None:
     app()
 
