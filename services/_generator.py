@@ -30,6 +30,7 @@ from schemas import (
     SchemaError,
     new_id,
 )
+from services import _metrics as metrics
 from services._policy import apply_weights, build_policy, load_weights_blob, render_prompt
 from services._proc import free_port
 from services._settings import Settings
@@ -82,7 +83,12 @@ class Generator:
         self._counter = 0
         self.topics = settings.topics
         self.publisher = Publisher(settings.kafka)
-        self.dlq = DeadLetterSink(self.publisher, self.topics.dead_letters, service=self.generator_id)
+        self.dlq = DeadLetterSink(
+            self.publisher,
+            self.topics.dead_letters,
+            service=self.generator_id,
+            on_dead_letter=metrics.count_dead_letter,
+        )
         self._stop = asyncio.Event()
 
     # ---- policy loop -------------------------------------------------------------------------------
@@ -127,6 +133,7 @@ class Generator:
             apply_weights(self.model, staged[1], self.settings.lora)
             log.info("policy_swapped", old=self.version, new=staged[0], generator_id=self.generator_id)
             self.version = staged[0]
+            metrics.POLICY_VERSION.labels(self.generator_id).set(self.version)
 
     # ---- prompt loop -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -197,6 +204,8 @@ class Generator:
         return rollouts
 
     async def run(self) -> None:
+        metrics.serve_metrics(self.settings.metrics_port, self.settings.metrics_host)
+        metrics.POLICY_VERSION.labels(self.generator_id).set(self.version)
         await ensure_topics(self.settings.kafka, self.topics.specs())
         await self.publisher.start()
         policy_task = asyncio.create_task(self.follow_policy())
@@ -225,8 +234,12 @@ class Generator:
         except SchemaError as exc:
             await self.dlq.send(record, exc)
             return
-        rollouts = await asyncio.to_thread(self.generate, task)
+        metrics.EVENTS_IN.labels("generator", record.topic).inc()
+        with metrics.GENERATION_SECONDS.labels(self.generator_id).time():
+            rollouts = await asyncio.to_thread(self.generate, task)
         await self.publisher.send_many(self.topics.rollouts, [(r.group_id, r) for r in rollouts])
+        metrics.ROLLOUTS.labels(self.generator_id).inc(len(rollouts))
+        metrics.EVENTS_OUT.labels("generator", self.topics.rollouts).inc(len(rollouts))
         log.info(
             "rollouts_published",
             prompt_id=task.prompt_id,

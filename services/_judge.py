@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from schemas import JudgeError, Rollout, SchemaError
+from services import _metrics as metrics
 from services._data import load_constitution
 from services._proc import free_port
 from services._settings import Settings
@@ -56,7 +57,7 @@ def build_app(settings: Settings) -> Any:
         root_certificates=str(settings.triton_root_certs) if settings.triton_root_certs else None,
     )
     publisher = Publisher(settings.kafka)
-    dlq = DeadLetterSink(publisher, topics.dead_letters, service=judge_id)
+    dlq = DeadLetterSink(publisher, topics.dead_letters, service=judge_id, on_dead_letter=metrics.count_dead_letter)
     seen = _SeenSet()
     ready_lock = asyncio.Lock()
 
@@ -67,6 +68,7 @@ def build_app(settings: Settings) -> Any:
                 return
             await ensure_topics(settings.kafka, topics.specs())
             await publisher.start()
+            metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
             log.info(
                 "judge_started",
                 judge_id=judge_id,
@@ -88,12 +90,19 @@ def build_app(settings: Settings) -> Any:
             if not seen.add(f"{rollout.rollout_id}:{constitution.constitution_id}"):
                 bound.info("duplicate_rollout_skipped", rollout_id=rollout.rollout_id)
                 continue
+            metrics.EVENTS_IN.labels("judge", record.topic).inc()
             try:
                 judged = await scorer.judge(rollout, judge_id)
             except JudgeError as exc:
+                metrics.JUDGE_FAILURES.labels(judge_id).inc()
                 await dlq.send(record, exc)
                 continue
             await publisher.send(topics.rewards, judged, key=rollout.group_id)
+            metrics.EVENTS_OUT.labels("judge", topics.rewards).inc()
+            metrics.JUDGE_LATENCY.labels(judge_id).observe(judged.judge_latency_s)
+            for pid, score in judged.scores.items():
+                metrics.REWARD.labels(pid).observe(score)
+            metrics.REWARD.labels("total").observe(judged.reward)
             bound.debug("judged", rollout_id=rollout.rollout_id, reward=round(judged.reward, 4))
 
     return app

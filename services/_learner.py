@@ -23,6 +23,7 @@ from aiokafka import TopicPartition
 from safetensors.torch import load_file, save_file
 
 from schemas import JudgedRollout, LearnerStep, PolicyUpdate, SchemaError
+from services import _metrics as metrics
 from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
 from services._models import load_causal_lm
 from services._policy import build_policy, serialize_weights, trainable_state
@@ -88,10 +89,13 @@ class Learner:
         self.ckpt_path = checkpoint_path(settings.run_dir)
         self.policy_store = (settings.run_dir / "policy").resolve()
         self.publisher = Publisher(settings.kafka)
-        self.dlq = DeadLetterSink(self.publisher, self.topics.dead_letters, service="learner")
+        self.dlq = DeadLetterSink(
+            self.publisher, self.topics.dead_letters, service="learner", on_dead_letter=metrics.count_dead_letter
+        )
         self._stop = asyncio.Event()
         self.last_trained_ids: list[str] = []
         self.last_trained_versions: list[int] = []
+        self._exported: dict[str, int] = {}
         self.load_checkpoint()
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ class Learner:
                 rows.append(m)
                 advantages.append(a)
                 staleness.append(st_.version - m.rollout.policy_version)
-        metrics: dict[str, float] = {}
+        out: dict[str, float] = {}
         if rows:
             self.optimizer.zero_grad(set_to_none=True)
             micro = max(1, len(rows) // self.s.grad_accum)
@@ -229,8 +233,8 @@ class Learner:
                 [p for p in self.model.parameters() if p.requires_grad], self.s.max_grad_norm
             )
             self.optimizer.step()
-            metrics = {**sums, "grad_norm": float(grad_norm)}
-        metrics.update(
+            out = {**sums, "grad_norm": float(grad_norm)}
+        out.update(
             {
                 "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
                 "trained_rollouts": float(len(rows)),
@@ -246,10 +250,21 @@ class Learner:
         st_.step += 1
         self.last_trained_ids = [m.rollout.rollout_id for m in rows]
         self.last_trained_versions = [m.rollout.policy_version for m in rows]
-        return metrics
+        return out
+
+    def _export_metrics(self, step_metrics: dict[str, float]) -> None:
+        metrics.LEARNER_STEP.set(self.state.step)
+        for name, value in step_metrics.items():
+            metrics.LEARNER_METRIC.labels(name).set(value)
+        for version in self.last_trained_versions:
+            metrics.STALENESS.observe(self.state.version - version)
+        for reason in ("dropped_stale", "dropped_incomplete", "duplicates"):
+            new = self.state.counters[reason] - self._exported.get(reason, 0)
+            metrics.LEARNER_DROPPED.labels(reason).inc(max(0, new))
+            self._exported[reason] = self.state.counters[reason]
 
     # ---- publishing weights ------------------------------------------------------------------------
-    async def publish_policy(self, metrics: dict[str, float]) -> None:
+    async def publish_policy(self, step_metrics: dict[str, float]) -> None:
         st_ = self.state
         st_.version += 1
         blob = serialize_weights(self.model, self.s.lora, metadata={"policy_version": str(st_.version)})
@@ -268,7 +283,7 @@ class Learner:
             size_bytes=len(blob),
             n_chunks=len(chunks),
             uri=None if chunks else f"file://{path}",
-            metrics=metrics,
+            metrics=step_metrics,
         )
         await self.publisher.send(self.topics.policy, update, key=str(st_.version))
         await self.publisher.send_many(self.topics.policy, [(str(st_.version), c) for c in chunks])
@@ -277,6 +292,7 @@ class Learner:
     # ---- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:
         s, st_ = self.s, self.state
+        metrics.serve_metrics(s.metrics_port, s.metrics_host)
         await ensure_topics(s.kafka, self.topics.specs())
         await self.publisher.start()
         consumer = make_consumer(s.kafka, group_id=None)
@@ -301,8 +317,8 @@ class Learner:
                 while len(ready) >= s.groups_per_step and not (s.max_steps and st_.step >= s.max_steps):
                     groups, ready = ready[: s.groups_per_step], ready[s.groups_per_step :]
                     started = time.perf_counter()
-                    metrics = await asyncio.to_thread(self.train_step, groups)
-                    metrics["step_seconds"] = time.perf_counter() - started
+                    step_metrics = await asyncio.to_thread(self.train_step, groups)
+                    step_metrics["step_seconds"] = time.perf_counter() - started
                     await self.publisher.send(
                         self.topics.learner,
                         LearnerStep(
@@ -310,13 +326,14 @@ class Learner:
                             policy_version=st_.version,
                             rollout_ids=self.last_trained_ids,
                             rollout_versions=self.last_trained_versions,
-                            reward_mean=metrics["reward_mean"],
-                            metrics=metrics,
+                            reward_mean=step_metrics["reward_mean"],
+                            metrics=step_metrics,
                         ),
                     )
-                    log.info("learner_step", step=st_.step, **{k: round(v, 4) for k, v in metrics.items()})
+                    log.info("learner_step", step=st_.step, **{k: round(v, 4) for k, v in step_metrics.items()})
+                    self._export_metrics(step_metrics)
                     if st_.step % s.push_every == 0:
-                        await self.publish_policy(metrics)
+                        await self.publish_policy(step_metrics)
                     if st_.step % s.checkpoint_every == 0:
                         self.save_checkpoint()
             self.save_checkpoint()

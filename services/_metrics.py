@@ -54,11 +54,17 @@ METRIC_NAMES = (
 )
 
 
-def serve_metrics(port: int) -> int:
-    """Start the /metrics endpoint on loopback; returns the bound port."""
+def serve_metrics(port: int | None, host: str = "127.0.0.1") -> int | None:
+    """Start the /metrics endpoint (None = disabled, 0 = a free port); returns the bound port."""
+    if port is None:
+        return None
     if port == 0:
         from services._proc import free_port
 
         port = free_port()
-    start_http_server(port, addr="127.0.0.1")
+    start_http_server(port, addr=host)
     return port
+
+
+def count_dead_letter(service: str, topic: str, error_type: str) -> None:
+    DEAD_LETTERS.labels(service, topic, error_type).inc()

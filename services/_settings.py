@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # a CPU judge queues requests behind big batches; a short deadline would only re-send work it still does
     triton_timeout_s: float = 300.0
     triton_threads: int = Field(default=2, ge=1)
+    judge_render: Literal["plain", "chat"] = "plain"
+    device: Literal["cpu", "cuda"] = "cpu"
+    metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = a free port
+    metrics_host: str = "127.0.0.1"
 
     constitution: Path = Path(str(_DATA / "constitution.yaml"))
     prompts: Path = Path(str(_DATA / "prompts.jsonl"))

@@ -158,6 +158,22 @@ async def _triton_info(url: str, models: list[str]) -> dict[str, Any]:
         await client.close()
 
 
+def launch_triton(settings: Settings, sup: Supervisor, logs: Path, timeout_s: float = 300.0) -> list[str]:
+    """Start the embedded Triton as a supervised child on free ports; point ``settings`` at it; wait until
+    its models are ready. Returns the model names."""
+    settings.triton_grpc_port, settings.triton_http_port, settings.triton_metrics_port = (
+        free_port(),
+        free_port(),
+        free_port(),
+    )
+    settings.triton_url = f"127.0.0.1:{settings.triton_grpc_port}"
+    env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
+    triton = sup.add(Child("triton", _service_argv("triton"), env, logs / "triton.log"))
+    models = ["judge_llm", *(["toxicity"] if uses_toxicity(settings) else [])]
+    _wait_triton(settings.triton_http_port, models, timeout_s, triton)
+    return models
+
+
 def uses_toxicity(settings: Settings) -> bool:
     from services._data import load_constitution
 
@@ -190,6 +206,7 @@ async def up(
     report: dict[str, Any] = {}
     broker_info: dict[str, Any] = {"name": "external", "bootstrap": settings.kafka.bootstrap_servers}
     triton_info: dict[str, Any] = {}
+    dashboard_url: str | None = None
     try:
         if embedded_broker:
             port = free_port()
@@ -220,19 +237,17 @@ async def up(
             }
         await wait_for_broker(settings.kafka)
         await ensure_topics(settings.kafka, settings.topics.specs())
+        dashboard_port = free_port()  # started early: the operator can watch while models load
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}/"
+        dashboard_env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
+        dashboard_argv = [*_service_argv("dashboard"), "--port", str(dashboard_port)]
+        sup.add(Child("dashboard", dashboard_argv, dashboard_env, logs / "dashboard.log"))
+        log.info("dashboard", url=dashboard_url)
         log.info("preparing_models", student=settings.student_model, judge=settings.judge_model)
         for name in {settings.student_model, settings.judge_model}:
             await asyncio.to_thread(prepare_model, name, settings.cache_dir)
-        settings.triton_grpc_port, settings.triton_http_port, settings.triton_metrics_port = (
-            free_port(),
-            free_port(),
-            free_port(),
-        )
-        settings.triton_url = f"127.0.0.1:{settings.triton_grpc_port}"
+        models = await asyncio.to_thread(launch_triton, settings, sup, logs)
         env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
-        triton = sup.add(Child("triton", _service_argv("triton"), env, logs / "triton.log"))
-        models = ["judge_llm", *(["toxicity"] if uses_toxicity(settings) else [])]
-        await asyncio.to_thread(_wait_triton, settings.triton_http_port, models, 300.0, triton)
         triton_info = await _triton_info(settings.triton_url, models)
         learner_env = {**env, "RLAIF_MAX_STEPS": str(steps)}
         learner = sup.add(
@@ -313,6 +328,7 @@ async def up(
             "rollouts_per_s": round((stats.train_rollouts + stats.eval_rollouts) / elapsed, 3),
             "judged_per_s": round(len(stats.judged_ids) / elapsed, 3),
             "run_dir": str(run_dir),
+            "dashboard_url": dashboard_url,
         }
         from services._learner import read_checkpoint_accounting
         from services._monitor import learner_accounting

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,6 +136,28 @@ def feeder() -> None:
     settings = _settings()
     configure_logging("feeder")
     run(settings)
+
+
+@app.command("judge-eval")
+def judge_eval_cmd(
+    data: Annotated[Path, typer.Option(help="JSONL: prompt, response, principle (text), label (1/0)")],
+    report: Annotated[Path, typer.Option(help="write the JSON report here")],
+    profile: str = "default",
+    triton_url: Annotated[str | None, typer.Option(help="a running Triton (gRPC); default: start one")] = None,
+) -> None:
+    """Score a labelled set through the Triton-served judge; report AUC and accuracy per principle."""
+    from services._judge_eval import judge_eval
+
+    configure_logging("judge-eval")
+    settings = _settings(profile=profile, run_dir=Path(tempfile.mkdtemp(prefix="rlaif-judge-eval-")))
+    result = asyncio.run(judge_eval(settings, data, triton_url))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("auc", "accuracy", "n")} | {"by_principle": result["by_principle"]}, indent=2
+        )
+    )
 
 
 def _register_extensions() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -42,10 +43,17 @@ def dead_letter_for(record: RecordLike, exc: BaseException, service: str) -> Dea
 class DeadLetterSink:
     """Publishes DeadLetter events to the dead-letter topic and logs them with their coordinates."""
 
-    def __init__(self, publisher: Publisher, topic: str, service: str) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        topic: str,
+        service: str,
+        on_dead_letter: Callable[[str, str, str], None] | None = None,
+    ) -> None:
         self._publisher = publisher
         self._topic = topic
         self._service = service
+        self._on_dead_letter = on_dead_letter  # (service, source topic, error type), e.g. a metrics counter
         self.count = 0
 
     async def send(self, record: RecordLike, exc: BaseException) -> None:
@@ -60,3 +68,5 @@ class DeadLetterSink:
         )
         await self._publisher.send(self._topic, letter, key=record.key)
         self.count += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(self._service, record.topic, letter.error_type)

@@ -34,7 +34,12 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class LlmJudge:
     """P(yes) for a yes/no question, from the judge LM's next-token logits, normalised over yes/no tokens."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 1024) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 1024, render_mode: str = "plain") -> None:
+        # "plain" ends the question with "Answer:"; "chat" wraps it in the tokenizer's chat template. On the
+        # project's labelled set SmolLM2 scored AUC 0.553 plain vs 0.456 chat (scripts/judge_search.py).
+        if render_mode not in ("plain", "chat"):
+            raise ValueError(f"render_mode must be plain or chat, not {render_mode!r}")
+        self.render_mode = render_mode
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -44,40 +49,59 @@ class LlmJudge:
             raise ValueError("tokenizer has no distinct yes/no tokens")
 
     @classmethod
-    def from_pretrained(cls, path: Path | str) -> LlmJudge:
+    def from_pretrained(cls, path: Path | str, *, render_mode: str = "plain", device: str = "cpu") -> LlmJudge:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        return cls(model, tok)
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = model.to(torch.device(device)).eval()  # type: ignore[arg-type]
+        return cls(model, tok, render_mode=render_mode)
 
     def render(self, question: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.render_mode == "chat" and getattr(self.tokenizer, "chat_template", None):
             text: str = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
             )
             return text
         return f"{question}\nAnswer:"
 
-    @torch.inference_mode()
-    def score(self, questions: list[str]) -> NDArray[np.float32]:
-        texts = [self.render(q) for q in questions]
-        enc = self.tokenizer(
-            texts,
+    def encode(self, questions: list[str]) -> Any:
+        """Tokenize rendered questions. The question (which quotes the untrusted prompt and completion) is cut
+        with ``split_special_tokens=True``, so a completion that contains ``<|im_end|>``/``<|im_start|>`` stays
+        plain text instead of becoming real control tokens that close the judge's turn; only the chat
+        template's own scaffolding is tokenized as special tokens."""
+        tok = self.tokenizer
+        if self.render_mode == "chat" and getattr(tok, "chat_template", None):
+            sentinel = "\x00QUESTION\x00"
+            prefix, suffix = self.render(sentinel).split(sentinel)
+            scaffold = tok([prefix, suffix], add_special_tokens=False)["input_ids"]
+            bodies = tok(questions, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            rows = [(scaffold[0] + body + scaffold[1])[: self.max_length] for body in bodies]
+            return tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        return tok(
+            [self.render(q) for q in questions],
             return_tensors="pt",
             padding=True,
             truncation=True,
             max_length=self.max_length,
             add_special_tokens=False,
+            split_special_tokens=True,
         )
+
+    @torch.inference_mode()
+    def score(self, questions: list[str]) -> NDArray[np.float32]:
+        enc = self.encode(questions)
+        device = next(self.model.parameters()).device
+        mask = enc["attention_mask"].to(device)
         logits = (
             self.model(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                position_ids=left_padded_positions(enc["attention_mask"]),
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=mask,
+                position_ids=left_padded_positions(mask),
                 logits_to_keep=1,  # only the next-token distribution matters: skip a (batch, seq, vocab) tensor
             )
             .logits[:, -1, :]
@@ -85,5 +109,5 @@ class LlmJudge:
         )
         yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
-        result: NDArray[np.float32] = torch.sigmoid(yes - no).numpy().astype(np.float32)
+        result: NDArray[np.float32] = torch.sigmoid(yes - no).cpu().numpy().astype(np.float32)
         return result

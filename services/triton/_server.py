@@ -54,7 +54,11 @@ def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> 
 
 def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:
     torch.set_num_threads(settings.triton_threads)
-    judge = LlmJudge.from_pretrained(prepare_model(settings.judge_model, settings.cache_dir))
+    judge = LlmJudge.from_pretrained(
+        prepare_model(settings.judge_model, settings.cache_dir),
+        render_mode=settings.judge_render,
+        device=settings.device,
+    )
     scorers: dict[str, tuple[Callable[..., Any], str]] = {JUDGE_MODEL: (_text_model(judge.score, "p_yes"), "p_yes")}
     if with_toxicity:
         from services.triton._toxicity import ToxicityClassifier

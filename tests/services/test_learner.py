@@ -19,8 +19,9 @@ def judged_groups(settings: Settings, n_groups: int) -> list[JudgedRollout]:
     gen = Generator(settings)
     out = []
     for i in range(n_groups):
-        for r in gen.generate(PromptTask(prompt_id=f"p{i}", text=f"Tell me about topic {i}.")):
-            reward = (len(r.completion_token_ids) % 5) / 4  # any signal with spread inside a group
+        group = gen.generate(PromptTask(prompt_id=f"p{i}", text=f"Tell me about topic {i}."))
+        for rank, r in enumerate(group):
+            reward = rank / (len(group) - 1)  # any signal with spread inside a group
             out.append(
                 JudgedRollout(
                     rollout=r,

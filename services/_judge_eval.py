@@ -1,0 +1,106 @@
+"""``rlaif judge-eval``: how well does the judge the trainer uses agree with human labels?
+
+Every labelled line is scored through the same Triton-served judge (and the same templates) as live rewards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from schemas import ConfigError, Principle, render_judge_question
+from services._data import load_constitution
+from services._judge_client import JUDGE_MODEL, TritonJudge
+from services._settings import Settings
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve by ranks (ties count half); 0.5 when one class is absent.
+
+    >>> roc_auc([0.1, 0.9, 0.8, 0.2], [0, 1, 1, 0])
+    1.0
+    >>> roc_auc([0.5, 0.5], [0, 1])
+    0.5
+    """
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return 0.5
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def _summary(scores: list[float], labels: list[int]) -> dict[str, float]:
+    correct = sum((s >= 0.5) == (y == 1) for s, y in zip(scores, labels, strict=True))
+    return {"auc": roc_auc(scores, labels), "accuracy": correct / len(labels), "n": len(labels)}
+
+
+def load_items(path: Path) -> list[dict[str, Any]]:
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = {"prompt", "response", "principle", "label"} - row.keys()
+        if missing or row["label"] not in (0, 1):
+            raise ConfigError(f"{path}:{n}: needs prompt, response, principle and a 0/1 label")
+        items.append(row)
+    return items
+
+
+async def score_items(settings: Settings, items: list[dict[str, Any]], concurrency: int = 8) -> list[float]:
+    constitution = load_constitution(settings.constitution)
+    by_text = {p.text: p for p in constitution.principles}
+    judge = TritonJudge(settings.triton_url, constitution, settings.judge_model, timeout_s=settings.triton_timeout_s)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(item: dict[str, Any]) -> float:
+        principle = by_text.get(item["principle"]) or Principle(id="adhoc", text=item["principle"])
+        async with gate:
+            if principle.scorer == "classifier":
+                p_bad = await judge._infer(str(principle.classifier), [item["response"]], "p_toxic")
+                return 1.0 - float(p_bad[0])
+            question = render_judge_question(principle, item["prompt"], item["response"])
+            return float((await judge._infer(JUDGE_MODEL, [question], "p_yes"))[0])
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in items)))
+    finally:
+        await judge.close()
+
+
+async def judge_eval(settings: Settings, data: Path, triton_url: str | None) -> dict[str, Any]:
+    from services._supervisor import Supervisor, launch_triton
+
+    items = load_items(data)
+    sup = Supervisor()
+    try:
+        if triton_url:
+            settings.triton_url = triton_url
+        else:
+            logs = Path(tempfile.mkdtemp(prefix="rlaif-judge-eval-"))
+            await asyncio.to_thread(launch_triton, settings, sup, logs)
+        scores = await score_items(settings, items)
+    finally:
+        await asyncio.to_thread(sup.stop_all)
+    labels = [int(i["label"]) for i in items]
+    by_principle: dict[str, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
+    constitution = load_constitution(settings.constitution)
+    ids = {p.text: p.id for p in constitution.principles}
+    for item, score in zip(items, scores, strict=True):
+        key = ids.get(item["principle"], item["principle"][:40])
+        by_principle[key][0].append(score)
+        by_principle[key][1].append(int(item["label"]))
+    return {
+        **_summary(scores, labels),
+        "by_principle": {k: _summary(s, y) for k, (s, y) in sorted(by_principle.items())},
+        "judge_model": settings.judge_model,
+        "judge_render": settings.judge_render,
+        "constitution_id": constitution.constitution_id,
+        "data": str(data),
+    }
