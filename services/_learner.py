@@ -22,8 +22,9 @@ import torch
 from aiokafka import TopicPartition
 from safetensors.torch import load_file, save_file
 
-from schemas import JudgedRollout, LearnerStep, PolicyUpdate, SchemaError
+from schemas import EvalResult, JudgedRollout, LearnerStep, PolicyUpdate, SchemaError
 from services import _metrics as metrics
+from services._data import load_prompts
 from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
 from services._models import load_causal_lm
 from services._policy import build_policy, serialize_weights, trainable_state
@@ -96,6 +97,9 @@ class Learner:
         self.last_trained_ids: list[str] = []
         self.last_trained_versions: list[int] = []
         self._exported: dict[str, int] = {}
+        self._eval_rounds: dict[int, dict[str, JudgedRollout]] = {}
+        n_eval_prompts = sum(1 for p in load_prompts(settings.prompts) if p.split == "eval")
+        self._eval_size = max(1, min(settings.eval_prompts, n_eval_prompts))
         self.load_checkpoint()
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -164,6 +168,7 @@ class Learner:
         rollout = event.rollout
         if rollout.split == "eval":
             st_.counters["eval_consumed"] += 1
+            await self._collect_eval(event)
             return
         group = st_.pending.setdefault(rollout.group_id, {})
         if rollout.rollout_id in st_.trained or rollout.rollout_id in st_.dropped or rollout.rollout_id in group:
@@ -172,6 +177,33 @@ class Learner:
         st_.counters["consumed"] += 1
         group[rollout.rollout_id] = event
         st_.group_seen_at.setdefault(rollout.group_id, time.monotonic())
+
+    async def _collect_eval(self, event: JudgedRollout) -> None:
+        """Held-out evaluation: once every eval prompt of a round is judged, publish one EvalResult."""
+        eval_round = event.rollout.eval_round or 0
+        answers = self._eval_rounds.setdefault(eval_round, {})
+        answers[event.rollout.prompt_id] = event
+        if len(answers) < self._eval_size:
+            return
+        del self._eval_rounds[eval_round]
+        events = list(answers.values())
+        versions = [e.rollout.policy_version for e in events]
+        by_principle = {pid: sum(e.scores[pid] for e in events) / len(events) for pid in sorted(events[0].scores)}
+        result = EvalResult(
+            policy_version=max(set(versions), key=versions.count),
+            eval_round=eval_round,
+            n=len(events),
+            reward_mean=sum(e.reward for e in events) / len(events),
+            by_principle=by_principle,
+            constitution_id=events[0].constitution_id,
+        )
+        await self.publisher.send(self.topics.eval, result, key=str(eval_round))
+        log.info(
+            "eval_result",
+            eval_round=eval_round,
+            policy_version=result.policy_version,
+            reward=round(result.reward_mean, 4),
+        )
 
     def ready_groups(self) -> list[list[JudgedRollout]]:
         """Complete groups (and groups that waited too long with at least two members), oldest first."""

@@ -99,6 +99,7 @@ class RunStats:
         elif isinstance(event, EvalResult):
             self.eval_results.append(
                 {
+                    "eval_round": event.eval_round,
                     "policy_version": event.policy_version,
                     "reward": event.reward_mean,
                     "by_principle": event.by_principle,

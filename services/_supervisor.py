@@ -318,6 +318,7 @@ async def up(
             "learner_metrics_by_step": {str(k): v for k, v in sorted(stats.learner_metrics.items())},
             "reward_mean_by_principle": stats.mean_by_principle(),
             "eval_reward_by_version": {str(k): v for k, v in stats.eval_reward_by_version().items()},
+            "eval_results": stats.eval_results,
             "dead_lettered": stats.dead_letters,
             "dead_letter_reasons": dict(stats.dead_letter_reasons),
             "policy_bytes": {str(k): v for k, v in stats.policy_bytes.items()},
