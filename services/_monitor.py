@@ -34,6 +34,7 @@ class RunStats:
     principle_sums: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
     eval_by_version: dict[int, dict[str, list[float]]] = field(default_factory=dict)
     eval_results: list[dict[str, Any]] = field(default_factory=list)
+    eval_seen_at: dict[int, float] = field(default_factory=dict)  # version -> seconds since start
     dead_letters: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     malformed: int = 0
@@ -66,6 +67,7 @@ class RunStats:
             if event.rollout.split == "train":
                 self.judged_train_at[event.rollout.rollout_id] = (record.topic, record.partition, record.offset)
             if event.rollout.split == "eval":
+                self.eval_seen_at[event.rollout.policy_version] = now - self.started
                 per_version = self.eval_by_version.setdefault(event.rollout.policy_version, {})
                 per_version.setdefault("reward", []).append(event.reward)
                 for pid, score in event.scores.items():

@@ -273,6 +273,7 @@ async def up(
                 )
             )
         sup.add(Child("feeder", _service_argv("feeder"), env, logs / "feeder.log"))
+        sup.add(Child("archive", _service_argv("consumer") + ["run", "archive"], env, logs / "archive.log"))
         monitor = asyncio.create_task(follow(settings.kafka, settings.topics, stats))
         from services._progress import Progress
 
@@ -319,6 +320,7 @@ async def up(
             "reward_mean_by_principle": stats.mean_by_principle(),
             "eval_reward_by_version": {str(k): v for k, v in stats.eval_reward_by_version().items()},
             "eval_results": stats.eval_results,
+            "eval_seen_at": {str(k): round(v, 2) for k, v in stats.eval_seen_at.items()},
             "dead_lettered": stats.dead_letters,
             "dead_letter_reasons": dict(stats.dead_letter_reasons),
             "policy_bytes": {str(k): v for k, v in stats.policy_bytes.items()},

@@ -1,0 +1,169 @@
+"""``rlaif bench learning``: does the student learn the constitution, and does streaming beat lockstep?
+
+Two runs with the same models, judge and wall-clock budget, one after the other:
+
+- **async**: the real system (``rlaif up`` with its separate generator, judge, learner processes over Kafka);
+  held-out eval rounds (greedy answers to the eval prompts, judged by the same judge) every ``eval_every``
+  learner steps;
+- **sync**: the classic loop in one process, generate a batch → judge it → one learner step → swap weights,
+  with the same Generator, Triton-served judge and Learner code, evaluated the same way.
+
+It reports eval reward per principle by policy version, first → last eval reward, KL, and each run's eval
+reward over wall time, and draws them in a PNG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from schemas import JudgedRollout, PromptTask
+from services._data import load_constitution, load_prompts
+from services._settings import Settings
+from services._supervisor import _write_json
+
+log = structlog.get_logger(__name__)
+
+
+async def _judge_all(judge: Any, rollouts: list[Any]) -> list[JudgedRollout]:
+    return list(await asyncio.gather(*(judge.judge(r, "bench-sync") for r in rollouts)))
+
+
+async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
+    """The lockstep baseline: generate → judge → train, one after the other, in one process."""
+    from services._generator import Generator
+    from services._judge_client import TritonJudge
+    from services._learner import Learner
+    from services._policy import apply_weights, trainable_state
+    from services._supervisor import Supervisor, launch_triton
+
+    sup = Supervisor()
+    logs = settings.run_dir / "logs"
+    await asyncio.to_thread(launch_triton, settings, sup, logs)
+    judge = TritonJudge(
+        settings.triton_url,
+        load_constitution(settings.constitution),
+        settings.judge_model,
+        timeout_s=settings.triton_timeout_s,
+    )
+    try:
+        generator, learner = Generator(settings), Learner(settings)
+        prompts = load_prompts(settings.prompts)
+        train = [p for p in prompts if p.split == "train"]
+        evals = [p for p in prompts if p.split == "eval"][: settings.eval_prompts]
+        t0, step, timeline, kl = time.monotonic(), 0, [], 0.0
+
+        async def evaluate() -> None:
+            answers = [
+                r
+                for p in evals
+                for r in generator.generate(
+                    PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", eval_round=step)
+                )
+            ]
+            judged = await _judge_all(judge, answers)
+            timeline.append(
+                {
+                    "t": time.monotonic() - t0,
+                    "step": step,
+                    "policy_version": generator.version,
+                    "reward": sum(j.reward for j in judged) / len(judged),
+                    "by_principle": {k: sum(j.scores[k] for j in judged) / len(judged) for k in judged[0].scores},
+                }
+            )
+
+        await evaluate()
+        while time.monotonic() - t0 < minutes * 60:
+            batch = [train[(step * settings.groups_per_step + i) % len(train)] for i in range(settings.groups_per_step)]
+            groups = []
+            for p in batch:
+                rollouts = await asyncio.to_thread(generator.generate, p)
+                groups.append(await _judge_all(judge, rollouts))
+            metrics = await asyncio.to_thread(learner.train_step, groups)
+            kl = metrics.get("kl", kl)
+            learner.state.version += 1
+            apply_weights(generator.model, trainable_state(learner.model, settings.lora), settings.lora)
+            generator.version = learner.state.version
+            step += 1
+            if step % settings.eval_every == 0:
+                await evaluate()
+        return {"steps": step, "eval_timeline": timeline, "kl_last": kl, "wall_seconds": time.monotonic() - t0}
+    finally:
+        await judge.close()
+        await asyncio.to_thread(sup.stop_all)
+
+
+async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
+    from services._supervisor import up
+
+    report = await up(settings, steps=0, report_path=None, minutes=minutes, live=False)
+    by_version = report["eval_reward_by_version"]
+    seen_at = report.get("eval_seen_at", {})
+    timeline = [
+        {
+            "t": seen_at.get(v, 0.0),
+            "policy_version": int(v),
+            "reward": d["reward"],
+            "by_principle": {k: x for k, x in d.items() if k != "reward"},
+        }
+        for v, d in sorted(by_version.items(), key=lambda kv: int(kv[0]))
+    ]
+    steps = report["learner_metrics_by_step"]
+    kl = steps[max(steps, key=int)]["kl"] if steps else 0.0
+    return {
+        "steps": report["learner_steps"],
+        "eval_timeline": timeline,
+        "kl_last": kl,
+        "wall_seconds": report["wall_seconds"],
+        "rollouts_per_s": report["rollouts_per_s"],
+        "judged_per_s": report["judged_per_s"],
+    }
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in ("async", "sync"):
+        tl = result[name]["eval_timeline"]
+        ax1.plot([p["t"] / 60 for p in tl], [p["reward"] for p in tl], marker="o", label=name)
+    ax1.set(xlabel="wall time (min)", ylabel="eval reward", title="Eval reward over wall time")
+    ax1.legend()
+    tl = result["async"]["eval_timeline"]
+    for pid in sorted(tl[0]["by_principle"]) if tl else []:
+        ax2.plot([p["policy_version"] for p in tl], [p["by_principle"][pid] for p in tl], marker=".", label=pid)
+    ax2.set(xlabel="policy version", ylabel="eval score", title="Async: eval score per principle")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+async def bench_learning(base: Settings, minutes: float, report: Path) -> dict[str, Any]:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_root = Path("runs") / f"bench-learning-{stamp}"
+    result: dict[str, Any] = {"minutes_per_run": minutes, "profile": base.profile}
+    result["async"] = await run_async(base.model_copy(update={"run_dir": run_root / "async"}), minutes)
+    result["sync"] = await run_sync(base.model_copy(update={"run_dir": run_root / "sync"}), minutes)
+    tl = result["async"]["eval_timeline"]
+    result["eval_reward_first"] = tl[0]["reward"] if tl else None
+    result["eval_reward_last"] = tl[-1]["reward"] if tl else None
+    result["eval_reward_by_version"] = {str(p["policy_version"]): p["reward"] for p in tl}
+    result["per_principle_by_version"] = {str(p["policy_version"]): p["by_principle"] for p in tl}
+    result["kl_last"] = result["async"]["kl_last"]
+    stl = result["sync"]["eval_timeline"]
+    result["sync_eval_reward_first"] = stl[0]["reward"] if stl else None
+    result["sync_eval_reward_last"] = stl[-1]["reward"] if stl else None
+    png = report.with_suffix(".png")
+    await asyncio.to_thread(png.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(_plot, result, png)
+    result["plot"] = str(png)
+    await asyncio.to_thread(_write_json, report, result)
+    return result
