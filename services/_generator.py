@@ -32,7 +32,7 @@ from schemas import (
 )
 from services import _metrics as metrics
 from services._policy import apply_weights, build_policy, load_weights_blob, render_prompt
-from services._proc import free_port
+from services._proc import default_service_id
 from services._settings import Settings
 from streams import (
     ChunkAssembler,
@@ -68,7 +68,7 @@ def resolve_weights_uri(uri: str, root: Path) -> Path:
 class Generator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.generator_id = settings.service_id or f"gen-{free_port()}"
+        self.generator_id = settings.service_id or default_service_id("generator")
         torch.set_num_threads(settings.torch_threads)
         self.model, self.tokenizer = build_policy(
             settings.student_model,

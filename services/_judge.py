@@ -16,7 +16,7 @@ import structlog
 from schemas import JudgeError, Rollout, SchemaError
 from services import _metrics as metrics
 from services._data import load_constitution
-from services._proc import free_port
+from services._proc import default_service_id, free_port
 from services._settings import Settings
 from streams import DeadLetterSink, Publisher, decode, ensure_topics, make_app
 
@@ -45,7 +45,7 @@ def build_app(settings: Settings) -> Any:
 
     topics = settings.topics
     constitution = load_constitution(settings.constitution)
-    judge_id = settings.service_id or f"judge-{free_port()}"
+    judge_id = settings.service_id or default_service_id("judge")
     app = make_app("rlaif-judges", settings.kafka, web_port=free_port())
     rollouts = app.topic(topics.rollouts, value_type=bytes, key_type=bytes)
     scorer = TritonJudge(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import time
@@ -11,6 +12,11 @@ from collections.abc import Callable
 from schemas import ServiceError
 
 _PR_SET_PDEATHSIG = 1
+
+
+def default_service_id(kind: str) -> str:
+    """Unique across containers and processes (ports are not: each container has its own port space)."""
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
