@@ -176,7 +176,9 @@ async def read_from_start(
     that Fetch reported (not ``end_offsets()``, which Tansu under-reports), or nothing arrives for
     ``idle_timeout_s``.
     """
-    consumer = make_consumer(cfg, group_id=None)
+    # A short fetch wait: Tansu does not always answer a parked fetch when records arrive, so a reader
+    # could otherwise sit out the whole default 500 ms (measured: weight pushes 20-336 ms vs 31-52 ms).
+    consumer = make_consumer(cfg, group_id=None, fetch_max_wait_ms=50)
     await consumer.start()
     try:
         partitions: list[TopicPartition] = []

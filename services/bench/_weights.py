@@ -1,0 +1,197 @@
+"""Weights suite: a learner publishes new weights; how long until every generator serves them?
+
+The project path is the real one: ``Learner.publish_policy`` (serialize -> safetensors file in the policy
+store -> PolicyUpdate + PolicyChunks on the policy topic, or a URI above the inline limit) and two in-process
+:class:`~services._generator.Generator` objects running ``follow_policy`` (assemble, verify, ``_stage``) and
+``_swap_if_staged``. The baseline does the same work with a shared disk as the transport: serialize, write +
+fsync, then per generator read + parse/validate (``load_weights_blob``) + ``apply_weights``. The ratio is
+bus / disk for the same bytes and the same number of readers; full weights and the LoRA adapter both run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services._broker import EmbeddedBroker
+from services._generator import Generator
+from services._learner import INLINE_MAX_BYTES, Learner, LearnerState
+from services._policy import apply_weights, build_policy, load_weights_blob, serialize_weights
+from services._settings import Settings
+from services.bench._common import Report, Row
+from streams import KafkaConfig, Publisher, ensure_topics
+
+N_GENERATORS = 2
+
+
+def _publisher_shell(settings: Settings, model: Any) -> Learner:
+    """A Learner with only what ``publish_policy`` touches: no reference model, optimizer or checkpoint."""
+    shell = Learner.__new__(Learner)
+    shell.s = settings
+    shell.state = LearnerState()
+    shell.model = model
+    shell.topics = settings.topics
+    shell.policy_store = (settings.run_dir / "policy").resolve()
+    shell.publisher = Publisher(settings.kafka)
+    return shell
+
+
+@torch.no_grad()
+def _perturb(model: Any, scale: float = 1e-3) -> None:
+    """Stand in for an optimizer step: every trainable tensor changes, so every version is new bytes."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn_like(p) * scale)
+
+
+async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list[float], list[float], str]:
+    shell = _publisher_shell(settings, model)
+    await ensure_topics(settings.kafka, settings.topics.specs())
+    await shell.publisher.start()
+    gens = [Generator(settings.model_copy(update={"service_id": f"bench-gen-{i}"})) for i in range(N_GENERATORS)]
+    swapped_at: dict[tuple[int, int], float] = {}
+    stop = asyncio.Event()
+
+    async def serve(i: int, gen: Generator) -> None:
+        # what the prompt loop does between two generations, polled every millisecond
+        while not stop.is_set():
+            before = gen.version
+            gen._swap_if_staged()
+            if gen.version != before:
+                swapped_at[(i, gen.version)] = time.perf_counter()
+            await asyncio.sleep(0.001)
+
+    tasks = [asyncio.create_task(g.follow_policy()) for g in gens]
+    tasks += [asyncio.create_task(serve(i, g)) for i, g in enumerate(gens)]
+    all_done: list[float] = []
+    first_done: list[float] = []
+    try:
+        for version in range(1, rounds + 1):
+            _perturb(model)
+            started = time.perf_counter()
+            await shell.publish_policy({"bench": 1.0})
+            deadline = started + 300
+            while not all((i, version) in swapped_at for i in range(N_GENERATORS)):
+                for t in tasks:
+                    if t.done():
+                        t.result()
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"generators did not swap to v{version} within 300 s")
+                await asyncio.sleep(0.001)
+            times = [swapped_at[(i, version)] - started for i in range(N_GENERATORS)]
+            all_done.append(max(times))
+            first_done.append(min(times))
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await shell.publisher.stop()
+    size = len(serialize_weights(model, settings.lora))
+    return all_done, first_done, "chunks" if size <= INLINE_MAX_BYTES else "uri"
+
+
+def _disk_rounds(
+    settings: Settings, model: Any, readers: list[Any], rounds: int, root: Path
+) -> tuple[list[float], list[float]]:
+    full, io_only = [], []
+    for version in range(1, rounds + 1):
+        _perturb(model)
+        started = time.perf_counter()
+        blob = serialize_weights(model, settings.lora, metadata={"policy_version": str(version)})
+        path = root / f"disk-v{version}.safetensors"
+        io_started = time.perf_counter()
+        with open(path, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        io_s = time.perf_counter() - io_started
+        for reader in readers:
+            read_started = time.perf_counter()
+            data = path.read_bytes()
+            io_s += time.perf_counter() - read_started
+            apply_weights(reader, load_weights_blob(data, reader, settings.lora), settings.lora)
+        full.append(time.perf_counter() - started)
+        io_only.append(io_s)
+        path.unlink()
+    return full, io_only
+
+
+async def _one_mode(report: Report, base: Settings, *, lora: bool, rounds: int, broker: EmbeddedBroker) -> int:
+    label = "lora" if lora else "full"
+    with tempfile.TemporaryDirectory(prefix=f"rlaif-bench-w-{label}-") as tmp:
+        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
+        settings = base.model_copy(update={"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run"})
+        model, _ = build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)
+        bus_all, bus_first, transport = await _bus_rounds(settings, model, rounds)
+        readers = [
+            build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)[0]
+            for _ in range(N_GENERATORS)
+        ]
+        disk_full, disk_io = await asyncio.to_thread(_disk_rounds, settings, model, readers, rounds, Path(tmp))
+        size = len(serialize_weights(model, lora))
+    bus_med, disk_med = statistics.median(bus_all), statistics.median(disk_full)
+    report.add(
+        Row(
+            f"{label}: publish -> all {N_GENERATORS} generators swapped",
+            bus_med * 1000,
+            disk_med * 1000,
+            "ms",
+            ratio_meaning="bus / disk (same serialize+verify+apply; lower is better)",
+            note=f"{size / 1e6:.2f} MB via {transport}, median of {rounds}",
+        )
+    )
+    report.add(
+        Row(
+            f"{label}: bus vs raw disk I/O only",
+            bus_med * 1000,
+            statistics.median(disk_io) * 1000,
+            "ms",
+            ratio_meaning="bus end-to-end / (write+fsync+2 reads)",
+            note="how much of the push is transport+parsing vs bare bytes on disk",
+        )
+    )
+    report.details[label] = {
+        "payload_bytes": size,
+        "transport": transport,
+        "bus_all_swapped_s": bus_all,
+        "bus_first_swapped_s": bus_first,
+        "disk_all_applied_s": disk_full,
+        "disk_io_only_s": disk_io,
+        "model": settings.student_model,
+        "lora_rank": settings.lora_rank if lora else None,
+    }
+    return size
+
+
+async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> None:
+    del device  # the policy moves between processes on the CPU side; serving devices do not change the path
+    base = Settings(profile="tiny" if quick else "default", lora_rank=8, partitions=1)
+    rounds = 3 if quick else 5
+    with EmbeddedBroker() as broker:
+        full_bytes = await _one_mode(report, base, lora=False, rounds=rounds, broker=broker)
+        lora_bytes = await _one_mode(report, base, lora=True, rounds=rounds, broker=broker)
+    report.add(
+        Row(
+            "LoRA payload is smaller by",
+            full_bytes / lora_bytes,
+            10.0,
+            "x",
+            ratio=full_bytes / lora_bytes / 10.0,
+            ratio_meaning="(full / LoRA bytes) / target 10x; >= 1 meets the target",
+            note=f"full {full_bytes / 1e6:.2f} MB, LoRA r{base.lora_rank} q,k,v,o {lora_bytes / 1e6:.3f} MB",
+        )
+    )
+    report.details["model"] = base.student_model
+    report.details["generators"] = N_GENERATORS

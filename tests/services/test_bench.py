@@ -1,0 +1,58 @@
+"""The bus and pipeline benchmarks run end to end in quick mode and produce well-formed reports.
+
+No timing thresholds here: performance claims live in the printed ratios (docs/benchmarks.md), not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.bench import run_suite
+from services.cli import app
+
+
+def _check_rows(report: dict[str, object], expected_metrics: set[str]) -> None:
+    rows = report["rows"]
+    assert isinstance(rows, list) and rows
+    metrics = {row["metric"] for row in rows}
+    assert expected_metrics <= metrics, metrics
+    for row in rows:
+        assert set(row) >= {"metric", "project", "baseline", "unit", "ratio", "ratio_meaning", "note"}
+        for key in ("project", "baseline", "ratio"):
+            value = row[key]
+            if value is not None:
+                assert math.isfinite(value) and value > 0, (row["metric"], key, value)
+        if row["baseline"] is not None:
+            assert row["ratio"] is not None
+
+
+@pytest.mark.slow
+def test_bus_quick_via_cli(tmp_path: Path) -> None:
+    path = tmp_path / "bus.json"
+    result = CliRunner().invoke(app, ["bench", "bus", "--quick", "--plain", "--report", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "| hop latency p50 |" in result.output
+    report = json.loads(path.read_text())
+    assert report["suite"] == "bus" and report["quick"] is True and report["device"] == "cpu"
+    assert report["machine"]["cpus"] >= 1
+    _check_rows(
+        report,
+        {"hop latency p50", "hop latency p99", "max produce throughput", "max consume throughput"},
+    )
+    assert report["details"]["event_bytes"] > 1000  # rollout-sized, not a toy payload
+
+
+@pytest.mark.slow
+def test_pipeline_quick() -> None:
+    report = run_suite("pipeline", quick=True).to_dict()
+    assert report["suite"] == "pipeline"
+    _check_rows(report, {"async throughput vs ideal", "async throughput vs synchronous loop", "learner steps"})
+    details = report["details"]
+    assert details["steps_measured"] >= 1
+    assert set(details["stand_ins"]) == {"FakeGenerator", "SimulatedJudge", "FakeLearner"}
+    assert details["policy_versions_served"] >= 1  # the real hot-swap path ran under the fake generator
