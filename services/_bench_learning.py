@@ -100,9 +100,7 @@ async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
 async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
     from services._supervisor import up
 
-    report = await up(
-        settings, steps=0, report_path=settings.run_dir / "up-report.json", minutes=minutes, live=False
-    )
+    report = await up(settings, steps=0, report_path=settings.run_dir / "up-report.json", minutes=minutes, live=False)
     by_version = report["eval_reward_by_version"]
     seen_at = report.get("eval_seen_at", {})
     timeline = [
