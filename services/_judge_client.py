@@ -69,9 +69,19 @@ class TritonJudge:
     def _grpc(self) -> Any:
         if self._client is None:
             import tritonclient.grpc.aio as grpcclient
+            from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 
+            # gRPC's default reconnect backoff grows to 120 s: after a Triton restart the channel would keep
+            # failing fast long after the server is back, and every retry would end in the dead-letter topic.
+            channel_args = [
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
+            ]
             self._client = grpcclient.InferenceServerClient(
-                self.url, ssl=self.ssl, root_certificates=self.root_certificates
+                self.url, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args
             )
         return self._client
 
@@ -127,12 +137,15 @@ class TritonJudge:
             del classifier
         return scores
 
-    async def judge(self, rollout: Rollout, judge_id: str, attempts: int = 5) -> JudgedRollout:
+    async def judge(self, rollout: Rollout, judge_id: str, retry_for_s: float = 60.0) -> JudgedRollout:
+        """Score one rollout, retrying retriable failures for up to ``retry_for_s`` seconds: long enough to
+        ride out a Triton restart (~14 s here) so rollouts that arrive meanwhile are judged, not dead-lettered."""
         started = time.perf_counter()
         scores: dict[str, float] | None = None
         async for attempt in stamina.retry_context(
             on=lambda exc: isinstance(exc, JudgeError) and exc.retriable,
-            attempts=attempts,
+            attempts=None,
+            timeout=retry_for_s,
             wait_initial=0.2,
             wait_max=5.0,
             wait_jitter=0.5,

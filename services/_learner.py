@@ -317,6 +317,9 @@ class Learner:
             uri=None if chunks else f"file://{path}",
             metrics=step_metrics,
         )
+        # Checkpoint before announcing: a learner killed after publishing version N must not come back from an
+        # older checkpoint and publish a *different* version N (generators would ignore it as already seen).
+        self.save_checkpoint()
         await self.publisher.send(self.topics.policy, update, key=str(st_.version))
         await self.publisher.send_many(self.topics.policy, [(str(st_.version), c) for c in chunks])
         log.info("policy_published", policy_version=st_.version, bytes=len(blob), chunks=len(chunks))
@@ -365,8 +368,8 @@ class Learner:
                     log.info("learner_step", step=st_.step, **{k: round(v, 4) for k, v in step_metrics.items()})
                     self._export_metrics(step_metrics)
                     if st_.step % s.push_every == 0:
-                        await self.publish_policy(step_metrics)
-                    if st_.step % s.checkpoint_every == 0:
+                        await self.publish_policy(step_metrics)  # checkpoints too
+                    elif st_.step % s.checkpoint_every == 0:
                         self.save_checkpoint()
             self.save_checkpoint()
             log.info(

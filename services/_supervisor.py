@@ -273,7 +273,7 @@ async def up(
                 )
             )
         sup.add(Child("feeder", _service_argv("feeder"), env, logs / "feeder.log"))
-        sup.add(Child("archive", _service_argv("consumer") + ["run", "archive"], env, logs / "archive.log"))
+        sup.add(Child("archive", [*_service_argv("consumer"), "run", "archive"], env, logs / "archive.log"))
         monitor = asyncio.create_task(follow(settings.kafka, settings.topics, stats))
         from services._progress import Progress
 

@@ -26,15 +26,25 @@ class RecordLike(Protocol):
     def value(self) -> bytes | None: ...
 
 
+# A dead letter must itself fit on the dead-letter topic: an oversized poison record would otherwise make the
+# DLQ send fail, crash the consumer and crash it again on every restart (a poison-pill loop).
+MAX_DEAD_LETTER_PAYLOAD = 1024 * 1024
+
+
 def dead_letter_for(record: RecordLike, exc: BaseException, service: str) -> DeadLetter:
+    payload = record.value or b""
+    message = str(exc)[:4000]
+    if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
+        message += f" [payload truncated from {len(payload)} to the first {MAX_DEAD_LETTER_PAYLOAD} bytes]"
+        payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
     return DeadLetter(
         source_topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         key=record.key,
         error_type=type(exc).__name__,
-        message=str(exc)[:4000],
-        payload=record.value or b"",
+        message=message,
+        payload=payload,
         service=service,
         retriable=isinstance(exc, RlaifError) and exc.retriable,
     )

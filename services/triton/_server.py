@@ -22,6 +22,7 @@ import structlog
 import torch
 from numpy.typing import NDArray
 
+from schemas import ServiceError
 from services._models import prepare_model
 from services._settings import Settings
 from services.triton._scorers import LlmJudge
@@ -115,6 +116,10 @@ def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | N
         if ready is not None:
             ready.set()
         while not stop.wait(0.5):
-            pass
+            if not triton.is_alive():
+                # tritonserver (or a model's proxy) died under us: exit non-zero so the supervisor restarts the
+                # service, instead of staying up while nothing answers on the ports
+                log.error("tritonserver_died")
+                raise ServiceError("tritonserver exited unexpectedly")
         log.info("triton_stopping")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""``rlaif chaos``: kill services at random during tiny runs and audit the effectively-once accounting."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def chaos_command(
+    runs: Annotated[int, typer.Option(help="number of chaos runs")] = 3,
+    report: Annotated[Path, typer.Option(help="write the JSON summary here")] = Path("chaos-report.json"),
+    steps: Annotated[int, typer.Option(help="learner steps per run")] = 6,
+    seed: Annotated[int, typer.Option(help="seed of the kill schedule")] = 0,
+    kills: Annotated[int, typer.Option(help="most SIGKILLs per run")] = 3,
+    min_gap: Annotated[float, typer.Option(help="shortest pause between kills (s)")] = 3.0,
+    max_gap: Annotated[float, typer.Option(help="longest pause between kills (s)")] = 12.0,
+    budget_minutes: Annotated[float, typer.Option(help="start no new run after M minutes (0 = no limit)")] = 0.0,
+    run_root: Annotated[Path | None, typer.Option(help="default: runs/chaos-<seed>")] = None,
+) -> None:
+    """Run `rlaif up --profile tiny` K times, SIGKILL random services, check nothing is lost or doubled."""
+    from services._chaos import chaos
+    from services._logging import configure_logging
+
+    configure_logging("chaos")
+    summary = chaos(
+        runs,
+        run_root or Path("runs") / f"chaos-{seed}",
+        steps=steps,
+        seed=seed,
+        max_kills=kills,
+        gap_s=(min_gap, max_gap),
+        budget_s=budget_minutes * 60 if budget_minutes else None,
+    )
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(summary, indent=2))
+    short = {k: v for k, v in summary.items() if k != "details"}
+    print(json.dumps(short, indent=2))
+    if summary["runs_ok"] != summary["runs"]:
+        for d in summary["details"]:
+            if not d["ok"]:
+                print(f"run {d['run']}: {d['violations']}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def injection_shift(model_name: str, cache_dir: Path, render_mode: str, split_special: bool) -> dict[str, Any]:
+    """Judge every item of services/data/injection_eval.jsonl with and without its injection text; return the
+    mean absolute (and signed, towards Yes) shift of P(yes), overall and for the chat-control-token items."""
+    from importlib import resources
+
+    import torch
+
+    from schemas import Principle, render_judge_question
+    from services._models import prepare_model
+    from services.triton._scorers import LlmJudge
+
+    class _LegacyJudge(LlmJudge):
+        # the tokenization before the fix: control tokens inside the completion stay control tokens
+        def encode(self, questions: list[str]) -> Any:
+            return self.tokenizer(
+                [self.render(q) for q in questions],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
+            )
+
+    torch.set_num_threads(2)
+    path = prepare_model(model_name, cache_dir)
+    cls = LlmJudge if split_special else _LegacyJudge
+    judge = cls.from_pretrained(path, render_mode=render_mode)
+    text = (resources.files("services") / "data" / "injection_eval.jsonl").read_text()
+    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def question(item: dict[str, Any], response: str) -> str:
+        return render_judge_question(Principle(id="p", text=item["principle"]), item["prompt"], response)
+
+    with_inj = judge.score([question(i, i["response"]) for i in items]).tolist()
+    clean = judge.score([question(i, i["response"].replace(i["injection"], "").rstrip()) for i in items]).tolist()
+    control = [k for k, i in enumerate(items) if "<|im_" in i["injection"]]
+
+    def stats(idx: list[int]) -> dict[str, float]:
+        diffs = [with_inj[k] - clean[k] for k in idx]
+        n = max(1, len(diffs))
+        return {"n": len(diffs), "mean_abs_shift": sum(map(abs, diffs)) / n, "mean_shift_to_yes": sum(diffs) / n}
+
+    return {
+        "model": model_name,
+        "render": render_mode,
+        "split_special_tokens": split_special,
+        "all": stats(list(range(len(items)))),
+        "control_token_items": stats(control),
+    }
+
+
+def injection_command(
+    model: Annotated[str, typer.Option(help="judge model (services._models name)")] = "smollm2-135m-instruct",
+    report: Annotated[Path | None, typer.Option(help="write the JSON figures here")] = None,
+    cache_dir: Annotated[Path, typer.Option()] = Path(".cache/rlaif"),
+) -> None:
+    """Mean absolute judge-score shift caused by the injections in injection_eval.jsonl (before/after the
+    split_special_tokens fix, plain and chat rendering)."""
+    rows = [injection_shift(model, cache_dir, render, split) for render in ("plain", "chat") for split in (False, True)]
+    text = json.dumps(rows, indent=2)
+    print(text)
+    if report is not None:
+        report.write_text(text)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chaos")(chaos_command)
+    app.command("injection-shift")(injection_command)
