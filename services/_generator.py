@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from schemas import (
 )
 from services import _metrics as metrics
 from services._policy import apply_weights, build_policy, load_weights_blob, render_prompt
-from services._proc import default_service_id
+from services._proc import default_service_id, run_until_signalled
 from services._settings import Settings
 from streams import (
     ChunkAssembler,
@@ -254,11 +253,4 @@ class Generator:
 
 
 def run(settings: Settings) -> None:
-    async def main() -> None:
-        generator = Generator(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, generator.stop)
-        await generator.run()
-
-    asyncio.run(main())
+    run_until_signalled(lambda: Generator(settings))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from services._data import load_prompts
 from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
 from services._models import load_causal_lm
 from services._policy import build_policy, serialize_weights, trainable_state
+from services._proc import run_until_signalled
 from services._settings import Settings
 from streams import (
     DeadLetterSink,
@@ -388,14 +388,7 @@ class Learner:
 
 
 def run(settings: Settings) -> None:
-    async def main() -> None:
-        learner = Learner(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, learner.stop)
-        await learner.run()
-
-    asyncio.run(main())
+    run_until_signalled(lambda: Learner(settings))
 
 
 def checkpoint_path(run_dir: Path) -> Path:

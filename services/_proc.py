@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from schemas import ServiceError
 
 _PR_SET_PDEATHSIG = 1
+
+
+class Stoppable(Protocol):
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(make: Callable[[], Stoppable]) -> None:
+    """Build a service inside a fresh event loop (aiokafka clients bind to it) and run it until SIGTERM/SIGINT
+    asks it to stop."""
+
+    async def main() -> None:
+        service = make()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run()
+
+    asyncio.run(main())
 
 
 def default_service_id(kind: str) -> str:

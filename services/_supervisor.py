@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from schemas import ServiceError
-from services._broker import tansu_binary, tansu_version
+from services._broker import tansu_argv, tansu_binary, tansu_version
 from services._models import prepare_model
 from services._monitor import RunStats, follow
 from services._proc import die_with_parent, free_port, port_open
@@ -210,21 +210,11 @@ async def up(
     try:
         if embedded_broker:
             port = free_port()
-            url = f"tcp://127.0.0.1:{port}"
             binary = tansu_binary()
             sup.add(
                 Child(
                     "broker",
-                    [
-                        binary,
-                        "broker",
-                        "--listener-url",
-                        url,
-                        "--advertised-listener-url",
-                        url,
-                        "--storage-engine",
-                        "memory://tansu/",
-                    ],
+                    tansu_argv(binary, "127.0.0.1", port),
                     {**os.environ, "RUST_LOG": "warn"},
                     logs / "broker.log",
                 )

@@ -21,29 +21,36 @@ ROOT = Path(__file__).resolve().parents[1]
 WATCHED = ("tansu", "tritonserver", "services.cli", "triton_python_backend_stub")
 
 
-def our_processes() -> set[int]:
+def our_processes(run_dir: Path) -> set[int]:
+    """Processes of *this* run: every child inherits RLAIF_RUN_DIR from the environment the test gives
+    `rlaif up`, so concurrent runs elsewhere on the machine are not counted."""
     pids = set()
     for proc in psutil.process_iter(["pid", "cmdline", "name"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(w in cmdline or w in (proc.info["name"] or "") for w in WATCHED):
-            pids.add(proc.info["pid"])
+        if not any(w in cmdline or w in (proc.info["name"] or "") for w in WATCHED):
+            continue
+        try:
+            if proc.environ().get("RLAIF_RUN_DIR") == str(run_dir):
+                pids.add(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return pids
 
 
-def wait_gone(before: set[int], timeout_s: float = 20) -> set[int]:
+def wait_gone(run_dir: Path, timeout_s: float = 20) -> set[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        left = our_processes() - before
+        left = our_processes(run_dir)
         if not left:
             return set()
         time.sleep(0.5)
-    return our_processes() - before
+    return our_processes(run_dir)
 
 
 def test_tiny_loop_closes_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    before = our_processes()
     report = tmp_path / "report.json"
-    env = {**os.environ, "RLAIF_CACHE_DIR": str(ROOT / ".cache" / "rlaif")}
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RLAIF_CACHE_DIR": str(ROOT / ".cache" / "rlaif"), "RLAIF_RUN_DIR": str(run_dir)}
     result = subprocess.run(
         [
             sys.executable,
@@ -57,7 +64,7 @@ def test_tiny_loop_closes_and_leaves_nothing_behind(tmp_path: Path) -> None:
             "--report",
             str(report),
             "--run-dir",
-            str(tmp_path / "run"),
+            str(run_dir),
         ],
         env=env,
         capture_output=True,
@@ -82,12 +89,12 @@ def test_tiny_loop_closes_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert r["learner_trained"] == r["learner_unique"] == 24
     assert r["rollouts_judged"] == r["learner_unique"] + r["learner_dropped_stale"] + r["learner_pending_at_exit"]
     assert r["lost"] == 0 and r["double_counted"] == 0
-    assert not wait_gone(before), "processes left behind after rlaif up"
+    assert not wait_gone(run_dir), "processes left behind after rlaif up"
 
 
 def test_sigterm_shuts_everything_down(tmp_path: Path) -> None:
-    before = our_processes()
-    env = {**os.environ, "RLAIF_CACHE_DIR": str(ROOT / ".cache" / "rlaif")}
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RLAIF_CACHE_DIR": str(ROOT / ".cache" / "rlaif"), "RLAIF_RUN_DIR": str(run_dir)}
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
         [
@@ -100,7 +107,7 @@ def test_sigterm_shuts_everything_down(tmp_path: Path) -> None:
             "--report",
             str(report),
             "--run-dir",
-            str(tmp_path / "run"),
+            str(run_dir),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -120,4 +127,4 @@ def test_sigterm_shuts_everything_down(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     assert json.loads(report.read_text())["learner_steps"] >= 1  # the report is written on shutdown too
-    assert not wait_gone(before), "processes left behind after SIGTERM"
+    assert not wait_gone(run_dir), "processes left behind after SIGTERM"
