@@ -9,6 +9,10 @@ from typing import Any
 import structlog
 
 
+def _current_stderr(*_: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(service: str, level: str = "INFO", **bind: Any) -> None:
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -21,8 +25,9 @@ def configure_logging(service: str, level: str = "INFO", **bind: Any) -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        logger_factory=_current_stderr,
+        # not cached: a logger must follow sys.stderr when it is replaced (pytest's capture closes the old one)
+        cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service, **bind)
