@@ -248,14 +248,7 @@ async def judged_rollouts(
 async def _judge_all(settings: Settings, constitution: Constitution, rollouts: list[Rollout]) -> list[JudgedRollout]:
     from services._judge_client import TritonJudge
 
-    judge = TritonJudge(
-        url=settings.triton_url,
-        constitution=constitution,
-        judge_model_name=settings.judge_model,
-        timeout_s=settings.triton_timeout_s,
-        ssl=settings.triton_ssl,
-        root_certificates=str(settings.triton_root_certs) if settings.triton_root_certs else None,
-    )
+    judge = TritonJudge.from_settings(settings, constitution)
     sem = asyncio.Semaphore(settings.judge_concurrency)
 
     async def one(r: Rollout) -> JudgedRollout:

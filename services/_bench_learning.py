@@ -44,12 +44,7 @@ async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
     sup = Supervisor()
     logs = settings.run_dir / "logs"
     await asyncio.to_thread(launch_triton, settings, sup, logs)
-    judge = TritonJudge(
-        settings.triton_url,
-        load_constitution(settings.constitution),
-        settings.judge_model,
-        timeout_s=settings.triton_timeout_s,
-    )
+    judge = TritonJudge.from_settings(settings, load_constitution(settings.constitution))
     try:
         generator, learner = Generator(settings), Learner(settings)
         prompts = load_prompts(settings.prompts)

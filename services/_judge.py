@@ -48,14 +48,7 @@ def build_app(settings: Settings) -> Any:
     judge_id = settings.service_id or default_service_id("judge")
     app = make_app("rlaif-judges", settings.kafka, web_port=free_port())
     rollouts = app.topic(topics.rollouts, value_type=bytes, key_type=bytes)
-    scorer = TritonJudge(
-        url=settings.triton_url,
-        constitution=constitution,
-        judge_model_name=settings.judge_model,
-        timeout_s=settings.triton_timeout_s,
-        ssl=settings.triton_ssl,
-        root_certificates=str(settings.triton_root_certs) if settings.triton_root_certs else None,
-    )
+    scorer = TritonJudge.from_settings(settings, constitution)
     publisher = Publisher(settings.kafka)
     dlq = DeadLetterSink(publisher, topics.dead_letters, service=judge_id, on_dead_letter=metrics.count_dead_letter)
     seen = _SeenSet()

@@ -27,6 +27,7 @@ from schemas import (
     aggregate_reward,
     render_judge_question,
 )
+from services._settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +66,18 @@ class TritonJudge:
     root_certificates: str | None = None
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     _client: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, constitution: Constitution) -> TritonJudge:
+        """The judge client every service builds: URL, deadline and TLS from the settings."""
+        return cls(
+            url=settings.triton_url,
+            constitution=constitution,
+            judge_model_name=settings.judge_model,
+            timeout_s=settings.triton_timeout_s,
+            ssl=settings.triton_ssl,
+            root_certificates=str(settings.triton_root_certs) if settings.triton_root_certs else None,
+        )
 
     def _grpc(self) -> Any:
         if self._client is None:

@@ -56,7 +56,7 @@ def load_items(path: Path) -> list[dict[str, Any]]:
 async def score_items(settings: Settings, items: list[dict[str, Any]], concurrency: int = 8) -> list[float]:
     constitution = load_constitution(settings.constitution)
     by_text = {p.text: p for p in constitution.principles}
-    judge = TritonJudge(settings.triton_url, constitution, settings.judge_model, timeout_s=settings.triton_timeout_s)
+    judge = TritonJudge.from_settings(settings, constitution)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(item: dict[str, Any]) -> float:
