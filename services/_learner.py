@@ -274,6 +274,12 @@ class Learner:
                 "staleness_max": float(max(staleness, default=0)),
             }
         )
+        self.record_step(groups, rows)
+        return out
+
+    def record_step(self, groups: list[list[JudgedRollout]], rows: list[JudgedRollout]) -> None:
+        """Ledger bookkeeping of one step: ``rows`` were trained on; ``groups`` leave the buffer."""
+        st_ = self.state
         st_.trained.update(m.rollout.rollout_id for m in rows)
         st_.counters["trained_rows"] += len(rows)
         for members in groups:
@@ -282,7 +288,6 @@ class Learner:
         st_.step += 1
         self.last_trained_ids = [m.rollout.rollout_id for m in rows]
         self.last_trained_versions = [m.rollout.policy_version for m in rows]
-        return out
 
     def _export_metrics(self, step_metrics: dict[str, float]) -> None:
         metrics.LEARNER_STEP.set(self.state.step)

@@ -11,10 +11,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from schemas import JudgedRollout
 from services._settings import Settings
 from streams import Publisher, ensure_topics
-from tests.schemas.test_events import make_rollout
+from tests.schemas.test_events import sample_judged_rollouts
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "json" / "JudgedRollout.json"
 
@@ -39,19 +38,7 @@ def kcat() -> str:
 async def test_kcat_reads_judged_rollouts_that_match_the_json_schema(tiny_settings: Settings, kcat: str) -> None:
     s = tiny_settings
     await ensure_topics(s.kafka, s.topics.specs())
-    sent = [
-        JudgedRollout(
-            rollout=make_rollout(rollout_id=f"r{i}", completion=f"answer {i} — ünïcode"),
-            constitution_id="c",
-            constitution_version=1,
-            judge_model="m",
-            scores={"harmless": i / 4, "honest": 1.0},
-            reward=i / 4,
-            judge_latency_s=0.01,
-            judge_id="j",
-        )
-        for i in range(4)
-    ]
+    sent = sample_judged_rollouts(4)
     async with Publisher(s.kafka) as pub:
         await pub.send_many(s.topics.rewards, [(j.rollout.group_id, j) for j in sent])
     argv = [kcat, "-C", "-b", s.kafka.bootstrap_servers, "-t", s.topics.rewards, "-e", "-o", "beginning", "-q"]

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas import JudgedRollout
 from services._settings import Settings
 from streams import Publisher, ensure_topics
-from tests.schemas.test_events import make_rollout
+from tests.schemas.test_events import sample_judged_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "schemas" / "json" / "JudgedRollout.json"
@@ -49,19 +48,7 @@ def node_modules() -> Path:
 async def test_kafkajs_reads_rewards_and_ajv_validates_them(tiny_settings: Settings, node_modules: Path) -> None:
     s = tiny_settings
     await ensure_topics(s.kafka, s.topics.specs())
-    sent = [
-        JudgedRollout(
-            rollout=make_rollout(rollout_id=f"r{i}", completion=f"answer {i} — ünïcode"),
-            constitution_id="c",
-            constitution_version=1,
-            judge_model="m",
-            scores={"harmless": i / 4, "honest": 1.0},
-            reward=i / 4,
-            judge_latency_s=0.01,
-            judge_id="j",
-        )
-        for i in range(4)
-    ]
+    sent = sample_judged_rollouts(4)
     # valid JSON, wrong contract: the reader must flag it rather than skip or accept it
     invalid = json.dumps({"rollout": {"rollout_id": 7}, "reward": "high"}).encode()
     async with Publisher(s.kafka) as pub:

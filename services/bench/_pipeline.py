@@ -137,14 +137,7 @@ class FakeLearner(Learner):
         time.sleep(self.cost_s)
         st_ = self.state
         rows = [m for members in groups for m in members]
-        st_.trained.update(m.rollout.rollout_id for m in rows)
-        st_.counters["trained_rows"] += len(rows)
-        for members in groups:
-            st_.pending.pop(members[0].rollout.group_id, None)
-            st_.group_seen_at.pop(members[0].rollout.group_id, None)
-        st_.step += 1
-        self.last_trained_ids = [m.rollout.rollout_id for m in rows]
-        self.last_trained_versions = [m.rollout.policy_version for m in rows]
+        self.record_step(groups, rows)
         staleness = [st_.version - m.rollout.policy_version for m in rows]
         return {
             "reward_mean": statistics.fmean(m.reward for m in rows) if rows else 0.0,

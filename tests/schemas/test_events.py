@@ -42,6 +42,23 @@ def make_rollout(**overrides: object) -> Rollout:
     return Rollout(**fields)  # type: ignore[arg-type]
 
 
+def sample_judged_rollouts(n: int) -> list[JudgedRollout]:
+    """Judged rollouts with non-ASCII text and a spread of scores, for readers outside Python."""
+    return [
+        JudgedRollout(
+            rollout=make_rollout(rollout_id=f"r{i}", completion=f"answer {i} — ünïcode"),
+            constitution_id="c",
+            constitution_version=1,
+            judge_model="m",
+            scores={"harmless": i / max(1, n), "honest": 1.0},
+            reward=i / max(1, n),
+            judge_latency_s=0.01,
+            judge_id="j",
+        )
+        for i in range(n)
+    ]
+
+
 def examples() -> list[msgspec.Struct]:
     rollout = make_rollout()
     return [
