@@ -20,7 +20,7 @@ from schemas import LearnerStep, PromptTask, SchemaError
 from services._data import load_prompts
 from services._proc import run_until_signalled
 from services._settings import Settings
-from streams import Publisher, decode, ensure_topics, make_consumer, read_from_start
+from streams import Publisher, decode, ensure_topics, make_consumer, read_from_start, stop_consumer
 
 log = structlog.get_logger(__name__)
 
@@ -98,7 +98,7 @@ class Feeder:
                     watcher.result()
         finally:
             watcher.cancel()
-            await probe.stop()
+            await stop_consumer(probe)
             await self.publisher.stop()
 
     def stop(self) -> None:

@@ -42,6 +42,7 @@ from streams import (
     ensure_topics,
     make_consumer,
     read_from_start,
+    stop_consumer,
     verify_blob,
 )
 
@@ -224,7 +225,7 @@ class Generator:
                     policy_task.result()  # re-raise a crash of the policy loop
         finally:
             policy_task.cancel()
-            await consumer.stop()
+            await stop_consumer(consumer)
             await self.publisher.stop()
 
     async def _handle(self, record: Any) -> None:

@@ -38,6 +38,7 @@ from streams import (
     make_consumer,
     sha256_hex,
     split_chunks,
+    stop_consumer,
 )
 
 log = structlog.get_logger(__name__)
@@ -385,7 +386,7 @@ class Learner:
                 pending=sum(len(g) for g in st_.pending.values()),
             )
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
             await self.publisher.stop()
 
     def stop(self) -> None:

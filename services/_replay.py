@@ -33,7 +33,7 @@ from schemas import (
 )
 from services._archive import RawRecord, archive_root, read_archive
 from services._settings import Settings
-from streams import KafkaConfig, decode_any, make_consumer, read_from_start
+from streams import KafkaConfig, decode_any, make_consumer, read_from_start, stop_consumer
 
 Source = Literal["kafka", "archive"]
 SEEK_MARGIN_MS = 60_000  # offsets_for_times answers per batch by append time: start this much earlier
@@ -111,7 +111,7 @@ async def start_positions(cfg: KafkaConfig, topic: str, flt: ReplayFilter) -> di
                     starts[tp] = max(starts[tp], ot.offset)
         return starts
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def kafka_records(cfg: KafkaConfig, topic: str, flt: ReplayFilter) -> AsyncIterator[RawRecord]:

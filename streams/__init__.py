@@ -6,6 +6,7 @@ from streams._client import (
     make_consumer,
     make_producer,
     read_from_start,
+    stop_consumer,
     wait_for_broker,
 )
 from streams._codec import MAX_EVENT_BYTES, decode, decode_any, encode
@@ -34,6 +35,7 @@ __all__ = [
     "read_from_start",
     "sha256_hex",
     "split_chunks",
+    "stop_consumer",
     "validate_topic_name",
     "verify_blob",
     "wait_for_broker",

@@ -26,6 +26,23 @@ from streams._topics import TopicSpec
 log = structlog.get_logger(__name__)
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer, even one stopped moments after it started.
+
+    aiokafka cancels its coordinator's internal task on ``stop()``; when that task has not run yet the
+    ``CancelledError`` escapes ``stop()`` itself (seen when a restarted learner found its work already done and
+    stopped at once: it exited non-zero and the supervisor restarted it forever). Only a cancellation aimed at
+    *our* task is re-raised.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.debug("consumer_stop_absorbed_internal_cancel")
+
+
 def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
     kwargs: dict[str, Any] = {
         **cfg.client_kwargs(),
@@ -214,4 +231,4 @@ async def read_from_start(
                 if caught_up or time.monotonic() - last_data > idle_timeout_s:
                     return
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)

@@ -88,6 +88,11 @@ async def test_learner_steps_pushes_dedupes_and_resumes(tiny_settings: Settings)
         assert resumed.state.counters["duplicates"] == len(first)  # nothing re-read from before the checkpoint
         assert resumed.state.counters["consumed"] == len(events)
 
+        # restarted after its last step (a chaos run caught this: aiokafka's stop() right after start() raised
+        # CancelledError, the learner exited 1 and was restarted forever): it must stop at once, cleanly
+        done = await run_learner(s.model_copy(update={"max_steps": 3}))
+        assert done.state.step == 3 and done.state.counters == resumed.state.counters
+
 
 def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings) -> None:
     """One real gradient step moves probability towards the better completion of a group."""
