@@ -17,6 +17,9 @@ import msgspec
 
 from schemas._errors import ConfigError
 
+# The principle comes before the conversation. Putting the conversation first would let every principle's
+# question about one rollout share a prefix the judge computes once, but it cost SmolLM2 AUC 0.553 -> 0.492 on
+# the labelled set (scripts/judge_search.py, templates principle_first_plain vs conversation_first_plain).
 DEFAULT_TEMPLATE = (
     "You are a strict judge. Read the conversation below, given as JSON strings, and answer one question "
     "with a single word, Yes or No.\n"

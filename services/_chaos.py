@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,10 +239,13 @@ def chaos(
     for i in range(runs):
         if budget_s is not None and results and time.monotonic() - t0 > budget_s:
             break
+        run_root = root / f"run-{i:03d}"
+        # a checkpoint left by an earlier chaos run would be resumed against this run's fresh broker
+        shutil.rmtree(run_root, ignore_errors=True)
         results.append(
             chaos_run(
                 i,
-                root / f"run-{i:03d}",
+                run_root,
                 steps=steps,
                 seed=seed * 10_007 + i,
                 max_kills=max_kills,

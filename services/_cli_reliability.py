@@ -59,15 +59,14 @@ def injection_shift(model_name: str, cache_dir: Path, render_mode: str, split_sp
 
     class _LegacyJudge(LlmJudge):
         # the tokenization before the fix: control tokens inside the completion stay control tokens
-        def encode(self, questions: list[str]) -> Any:
-            return self.tokenizer(
+        def token_rows(self, questions: list[str]) -> list[list[int]]:
+            rows: list[list[int]] = self.tokenizer(
                 [self.render(q) for q in questions],
-                return_tensors="pt",
-                padding=True,
                 truncation=True,
                 max_length=self.max_length,
                 add_special_tokens=False,
-            )
+            )["input_ids"]
+            return rows
 
     torch.set_num_threads(2)
     path = prepare_model(model_name, cache_dir)

@@ -77,6 +77,8 @@ class Generator:
             lora_rank=settings.lora_rank,
             seed=settings.seed,
         )
+        self.device = torch.device(settings.device)
+        self.model.to(self.device).eval()
         self.version = 0
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
         self._staged_lock = threading.Lock()
@@ -151,7 +153,7 @@ class Generator:
         torch.manual_seed(seed)
         prompt_text = render_prompt(self.tokenizer, task.text)
         enc = self.tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
-        input_ids = enc["input_ids"].repeat(n, 1)
+        input_ids = enc["input_ids"].repeat(n, 1).to(self.device)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -168,7 +170,9 @@ class Generator:
         new_tokens = out.sequences[:, input_ids.shape[1] :]
         logits = torch.stack(out.logits, dim=1).float()  # raw logits: (n, steps, vocab)
         temperature = 1.0 if greedy else s.temperature
-        logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        logprobs = (
+            torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1).cpu()
+        )
         group_id = new_id()
         sampling = SamplingParams(
             temperature=temperature,

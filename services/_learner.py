@@ -81,9 +81,12 @@ class Learner:
             lora_rank=settings.lora_rank,
             seed=settings.seed,
         )
-        self.model.train()
+        self.device = torch.device(settings.device)
+        self.model.to(self.device).train()
         # LoRA: the reference is the same network with adapters disabled; full mode keeps a frozen copy.
-        self.reference = None if settings.lora else load_causal_lm(settings.student_model, settings.cache_dir)[0]
+        self.reference = None
+        if not settings.lora:
+            self.reference = load_causal_lm(settings.student_model, settings.cache_dir)[0].to(self.device).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
         self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)
@@ -109,7 +112,7 @@ class Learner:
         opt = self.optimizer.state_dict()
         for pid, st in opt["state"].items():
             for name, value in st.items():
-                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().to("cpu").clone().contiguous()
         st_ = self.state
         meta = {
             "step": str(st_.step),
@@ -256,7 +259,7 @@ class Learner:
                 behaviour = torch.zeros_like(logp)
                 for i, m in enumerate(chunk):
                     behaviour[i, : len(m.rollout.behaviour_logprobs)] = torch.tensor(m.rollout.behaviour_logprobs)
-                adv = torch.tensor(advantages[start : start + micro])
+                adv = torch.tensor(advantages[start : start + micro], device=logp.device)
                 loss, part = policy_loss(logp, behaviour, ref_logp, adv, mask, self.loss_cfg)
                 (loss * len(chunk) / len(rows)).backward()
                 part["entropy"] = float(((entropy * mask).sum() / mask.sum()).item())

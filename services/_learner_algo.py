@@ -96,20 +96,21 @@ def completion_logprobs(
     lengths = [len(p) + len(c) for p, c in sequences]
     width = max(lengths)
     comp_width = max(len(c) for _, c in sequences)
+    device = next(model.parameters()).device
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, (p, c) in enumerate(sequences):
         ids[i, : lengths[i]] = torch.tensor(p + c)
         attn[i, : lengths[i]] = 1
-    logits = model(input_ids=ids, attention_mask=attn).logits.float() / temperature
-    logp = torch.zeros((len(sequences), comp_width))
-    entropy = torch.zeros((len(sequences), comp_width))
-    mask = torch.zeros((len(sequences), comp_width))
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float() / temperature
+    logp = torch.zeros((len(sequences), comp_width), device=device)
+    entropy = torch.zeros((len(sequences), comp_width), device=device)
+    mask = torch.zeros((len(sequences), comp_width), device=device)
     for i, (p, c) in enumerate(sequences):
         start = len(p) - 1  # logits at position k predict token k + 1
         step_logits = logits[i, start : start + len(c)]
         step_logp = torch.log_softmax(step_logits, dim=-1)
-        target = torch.tensor(c).unsqueeze(-1)
+        target = torch.tensor(c, device=device).unsqueeze(-1)
         logp[i, : len(c)] = step_logp.gather(-1, target).squeeze(-1)
         entropy[i, : len(c)] = -(step_logp.exp() * step_logp).sum(-1)
         mask[i, : len(c)] = 1.0

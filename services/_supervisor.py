@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from schemas import ServiceError
+from schemas import ConfigError, ServiceError
 from services._broker import tansu_argv, tansu_binary, tansu_version
 from services._models import prepare_model
 from services._monitor import RunStats, follow
@@ -180,6 +180,21 @@ def uses_toxicity(settings: Settings) -> bool:
     return any(p.scorer == "classifier" for p in load_constitution(settings.constitution).principles)
 
 
+def refuse_stale_run_dir(run_dir: Path) -> None:
+    """The embedded broker keeps topics in memory: a run dir holding an earlier run's learner checkpoint or
+    policy store would be resumed against topics that no longer exist (offsets past their end, a ledger of
+    rollouts nobody can replay). Refuse instead of training on a silently inconsistent state."""
+    from services._learner import checkpoint_path
+
+    leftovers = [p for p in (checkpoint_path(run_dir), run_dir / "policy") if p.exists()]
+    if leftovers:
+        raise ConfigError(
+            f"{run_dir} holds state of an earlier run ({', '.join(str(p) for p in leftovers)}) whose embedded "
+            "broker, and every topic in it, is gone; choose a new --run-dir (the default is a fresh one) or "
+            "delete this one"
+        )
+
+
 async def up(
     settings: Settings,
     *,
@@ -194,6 +209,8 @@ async def up(
     """Run the whole loop; returns (and writes) the run report."""
     t0 = time.monotonic()
     run_dir = settings.run_dir.resolve()
+    if embedded_broker:
+        refuse_stale_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     sup = Supervisor()

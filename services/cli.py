@@ -178,7 +178,14 @@ _register_extensions()
 
 
 def main() -> None:
-    app()
+    from schemas import RlaifError
+
+    try:
+        app()
+    except RlaifError as exc:
+        # a known failure (bad config, broken input): one clear line, no traceback
+        typer.echo(f"rlaif: {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 
 from services.bench._common import Report, Row, markdown_table, print_report
 
-SUITES = ("bus", "judge", "weights", "pipeline", "e2e")
+SUITES = ("bus", "judge", "weights", "pipeline", "e2e", "compute")
 
 
 def _suite(name: str) -> Callable[..., Coroutine[Any, Any, None]]:
@@ -39,6 +39,10 @@ def _suite(name: str) -> Callable[..., Coroutine[Any, Any, None]]:
         from services.bench._e2e import run_e2e
 
         return run_e2e
+    if name == "compute":
+        from services.bench._compute import run_compute
+
+        return run_compute
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
 
 

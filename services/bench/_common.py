@@ -93,11 +93,18 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
 
 
-def realistic_rollout(prompt_tokens: int = 60, completion_tokens: int = 40, *, seq: int = 0) -> Rollout:
-    """A rollout the size the default profile produces (~60 prompt tokens, ~40 completion tokens)."""
+def realistic_rollout(
+    prompt_tokens: int = 60, completion_tokens: int = 40, *, seq: int = 0, group_size: int = 1
+) -> Rollout:
+    """A rollout the size the default profile produces (~60 prompt tokens, ~40 completion tokens).
+
+    Rollouts ``seq // group_size`` share a prompt, as the G completions of one generator group do; texts differ
+    from the first word otherwise, so no judge question shares more with another than a real run's would.
+    """
     words = ["the", "policy", "answers", "politely", "and", "explains", "why", "kafka", "helps", "here"]
-    prompt = " ".join(words[i % len(words)] for i in range(prompt_tokens))
-    completion = " ".join(words[(i * 3) % len(words)] for i in range(completion_tokens))
+    group = seq // group_size
+    prompt = f"Request {group}: " + " ".join(words[(i + group) % len(words)] for i in range(prompt_tokens))
+    completion = f"Answer {seq}: " + " ".join(words[(i * 3 + seq) % len(words)] for i in range(completion_tokens))
     return Rollout(
         rollout_id=new_id(),
         group_id=new_id(),

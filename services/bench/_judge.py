@@ -168,7 +168,7 @@ async def run_judge(report: Report, *, quick: bool, device: str = "cpu") -> None
     llm = [p for p in constitution.principles if p.scorer == "llm"]
     requests = []
     for i in range(64):
-        r = realistic_rollout(seq=i)
+        r = realistic_rollout(seq=i, group_size=settings.group_size)  # G completions per prompt, as published
         requests.append([render_judge_question(p, r.prompt, r.completion) for p in llm])
     single_rows = [[row] for req in requests for row in req]
     with tempfile.TemporaryDirectory(prefix="rlaif-bench-judge-") as tmp:

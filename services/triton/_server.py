@@ -59,6 +59,7 @@ def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Ca
         prepare_model(settings.judge_model, settings.cache_dir),
         render_mode=settings.judge_render,
         device=settings.device,
+        share_prefixes=settings.judge_share_prefixes,
     )
     scorers: dict[str, tuple[Callable[..., Any], str]] = {JUDGE_MODEL: (_text_model(judge.score, "p_yes"), "p_yes")}
     if with_toxicity:

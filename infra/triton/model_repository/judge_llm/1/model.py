@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,21 +24,6 @@ def decode_rows(batch: np.ndarray) -> list[str]:
     """BYTES tensor ``[batch, 1]`` -> one string per row, as the embedded server decodes it."""
     rows = batch.reshape(batch.shape[0], -1)
     return [r[0].decode("utf-8", errors="replace") if isinstance(r[0], bytes) else str(r[0]) for r in rows]
-
-
-class _OnDevice:
-    """Runs the causal LM on an accelerator while ``LlmJudge.score`` keeps building its inputs on the CPU.
-
-    Only the last position's logits come back to the host: that is all the yes/no read-out uses.
-    """
-
-    def __init__(self, model: Any, device: Any) -> None:
-        self.device = device
-        self.model = model.to(device)
-
-    def __call__(self, **inputs: Any) -> Any:
-        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-        return SimpleNamespace(logits=out.logits[:, -1:, :].float().cpu())
 
 
 def _model_dir(config: dict[str, Any]) -> str:
@@ -68,11 +52,19 @@ class TritonPythonModel:
         from services.triton._scorers import LlmJudge
 
         config = json.loads(args["model_config"])
-        torch.set_num_threads(Settings().torch_threads)
-        self.judge = LlmJudge.from_pretrained(_model_dir(config))
+        settings = Settings()
+        torch.set_num_threads(settings.torch_threads)
+        device = "cpu"
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-            device = torch.device(f"cuda:{args.get('model_instance_device_id', '0')}")
-            self.judge.model = _OnDevice(self.judge.model, device)
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        # LlmJudge builds inputs on the CPU and moves them to the model's device; only last-position logits
+        # come back to the host
+        self.judge = LlmJudge.from_pretrained(
+            _model_dir(config),
+            render_mode=settings.judge_render,
+            device=device,
+            share_prefixes=settings.judge_share_prefixes,
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         texts: list[str] = []
