@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     triton_timeout_s: float = 300.0
     triton_threads: int = Field(default=2, ge=1)
     judge_render: Literal["plain", "chat"] = "plain"
-    # compute the tokens shared by rows of one batch (the questions about one rollout) once; off = plain padding
-    judge_share_prefixes: bool = True
+    # compute token prefixes shared by rows of one judge batch once; unset = on a CPU only (see LlmJudge)
+    judge_share_prefixes: bool | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = a free port
     metrics_host: str = "127.0.0.1"

@@ -175,7 +175,8 @@ def measure_learner_step(models: Models, shape: Shape, device: str, lora: bool, 
         realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
         for i in range(n)
     ]
-    seqs = [(r.prompt_token_ids, r.completion_token_ids) for r in rollouts]
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    seqs = [([t % vocab for t in r.prompt_token_ids], [t % vocab for t in r.completion_token_ids]) for r in rollouts]
     rewards = [((i * 37) % 11) / 10 for i in range(n)]
     advantages = torch.tensor(
         [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])],

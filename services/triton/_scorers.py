@@ -128,8 +128,16 @@ class LlmJudge:
 
     @classmethod
     def from_pretrained(
-        cls, path: Path | str, *, render_mode: str = "plain", device: str = "cpu", share_prefixes: bool = True
+        cls,
+        path: Path | str,
+        *,
+        render_mode: str = "plain",
+        device: str = "cpu",
+        share_prefixes: bool | None = None,
     ) -> LlmJudge:
+        """``share_prefixes=None`` shares on a CPU only: there one long row already keeps the cores busy, so
+        fewer token positions is what saves time; on a GPU one padded batch of 64 rows ran 13x faster than
+        the shared prefixes' many small forwards (``reports/bench-compute-h200.json``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -139,7 +147,8 @@ class LlmJudge:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         model = model.to(torch.device(device)).eval()  # type: ignore[arg-type]
-        return cls(model, tok, render_mode=render_mode, share_prefixes=share_prefixes)
+        share = device == "cpu" if share_prefixes is None else share_prefixes
+        return cls(model, tok, render_mode=render_mode, share_prefixes=share)
 
     def render(self, question: str) -> str:
         if self.render_mode == "chat" and getattr(self.tokenizer, "chat_template", None):

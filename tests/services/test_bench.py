@@ -56,3 +56,40 @@ def test_pipeline_quick() -> None:
     assert details["steps_measured"] >= 1
     assert set(details["stand_ins"]) == {"FakeGenerator", "SimulatedJudge", "FakeLearner"}
     assert details["policy_versions_served"] >= 1  # the real hot-swap path ran under the fake generator
+
+
+def test_compute_standalone_with_random_weights(tmp_path: Path) -> None:
+    """The form that runs on an accelerator box: ``python -m services.bench._compute`` (tiny architecture here)."""
+    import subprocess
+    import sys
+
+    from services._models import prepare_model
+    from services._settings import Settings
+
+    model_dir = prepare_model("tiny-llama", Settings().cache_dir)
+    out = tmp_path / "compute.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.bench._compute", "--device", "cpu", "--random-weights", "--quick"),
+            *("--model-dir", str(model_dir), "--cpu-threads", "2", "--report", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    _check_rows(
+        report,
+        {
+            "judge scorer, shared-prefix batch (cpu)",
+            "judge scorer, padded batch (cpu)",
+            "learner step, lora (cpu)",
+            "learner step, full (cpu)",
+            "generator (cpu)",
+        },
+    )
+    judge = report["details"]["results"]["cpu"]["judge"]
+    assert judge["rows"] == 8 * 4  # quick: 8 rollouts x the 4 llm principles
+    assert judge["max_abs_diff_shared_vs_padded"] < 1e-4
+    assert report["details"]["random_weights"] is True
