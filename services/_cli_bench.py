@@ -9,7 +9,7 @@ import typer
 
 
 def bench(
-    suite: Annotated[str, typer.Argument(help="bus | judge | weights | pipeline | e2e | learning")],
+    suite: Annotated[str, typer.Argument(help="bus | judge | weights | pipeline | e2e | compute | learning")],
     report: Annotated[Path, typer.Option(help="write the JSON report here")] = Path("runs/bench/report.json"),
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     quick: Annotated[bool, typer.Option(help="tiny models and short runs")] = False,

@@ -287,7 +287,8 @@ def fill_report(report: Report, results: dict[str, dict[str, Any]], device: str)
     if device != "cpu" and "cpu" in results:
         cpu = results["cpu"]
         pairs = [
-            ("judge scorer, shared batch", j["rows"] / j["shared_s"], cpu["judge"]["rows"] / cpu["judge"]["shared_s"]),
+            # each device's default: one padded batch on the GPU, shared prefixes on the CPU (LlmJudge)
+            ("judge scorer, default batch", j["rows"] / j["padded_s"], cpu["judge"]["rows"] / cpu["judge"]["shared_s"]),
             ("learner step, LoRA (steps/s)", 1 / m["learner_lora"]["step_s"], 1 / cpu["learner_lora"]["step_s"]),
             ("learner step, full (steps/s)", 1 / m["learner_full"]["step_s"], 1 / cpu["learner_full"]["step_s"]),
             ("generator tokens/s", m["generator"]["tokens_per_s"], cpu["generator"]["tokens_per_s"]),
