@@ -95,10 +95,11 @@ def prefix_groups(rows: list[list[int]], min_shared: int) -> list[tuple[int, lis
 class LlmJudge:
     """P(yes) for a yes/no question, from the judge LM's next-token logits, normalised over yes/no tokens.
 
-    With ``share_prefixes`` (the default) rows of one batch that start with the same tokens, such as the
-    per-principle questions about one conversation, run that prefix through the model once and only their own
-    suffixes each: the scores equal the unshared computation's (to float rounding), at a fraction of the work.
-    This is what batching buys on a compute-bound CPU, where one long row already fills the matrix units.
+    With ``share_prefixes`` rows of one batch that start with the same tokens run that prefix through the model
+    once and only their own suffixes each; the scores equal the unshared computation's (to float rounding). With
+    the default template (instructions, principle, prompt, completion, question) the G completions of one prompt
+    share everything up to their completions for every principle. This is what batching buys on a
+    compute-bound CPU, where one long row already fills the matrix units.
     """
 
     def __init__(
