@@ -176,7 +176,12 @@ async def run_judge(report: Report, *, quick: bool, device: str = "cpu") -> None
         started = time.perf_counter()
         await asyncio.to_thread(triton.start)
         startup_s = time.perf_counter() - started
-        judge = TritonJudge(url=triton.url, constitution=constitution, judge_model_name=settings.judge_model)
+        judge = TritonJudge(
+            url=triton.url,
+            constitution=constitution,
+            judge_model_name=settings.judge_model,
+            timeout_s=settings.triton_timeout_s,  # c=32 queues minutes of CPU work behind big batches
+        )
         try:
             await _phase(judge, triton.metrics, requests, 4, 1.0)  # warm-up, not reported
             unbatched = await _phase(judge, triton.metrics, single_rows, 1, duration_s)

@@ -7,6 +7,7 @@ under ``infra/triton``; clients cannot tell the difference.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -53,6 +54,32 @@ def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> 
     return batched
 
 
+def _startup_watchdog(started: threading.Event, stopping: threading.Event, period_s: float = 0.1) -> None:
+    """Exit at once if tritonserver dies before the server is up.
+
+    PyTriton waits up to 120 s for a server that is already dead (a chaos run killed tritonserver during its
+    start-up: ``rlaif triton`` sat in that wait for two minutes while the judges ran out of retries). Exiting
+    non-zero hands the problem to the supervisor, which kills what is left of the process group and restarts
+    the service. After start-up the serve loop's ``is_alive()`` poll takes over.
+    """
+    import psutil
+
+    me = psutil.Process()
+    server: psutil.Process | None = None
+    while not started.wait(period_s):
+        if server is None:
+            with contextlib.suppress(psutil.Error):  # a child vanished between listing and naming it
+                server = next((p for p in me.children(recursive=True) if p.name() == "tritonserver"), None)
+            continue
+        try:
+            alive = server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # already reaped by PyTriton's launcher thread
+            alive = False
+        if not alive and not stopping.is_set():
+            log.error("tritonserver_died_during_startup", pid=server.pid)
+            os._exit(1)  # the main thread is blocked inside PyTriton's wait; nothing else can stop it
+
+
 def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:
     torch.set_num_threads(settings.triton_threads)
     judge = LlmJudge.from_pretrained(
@@ -94,6 +121,9 @@ def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | N
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    started = threading.Event()
+    watchdog = threading.Thread(target=_startup_watchdog, args=(started, stop), name="triton-watchdog", daemon=True)
+    watchdog.start()
     with Triton(config=config, workspace=str(workspace)) as triton:
         for name, (fn, output) in scorers.items():
             triton.bind(
@@ -108,6 +138,7 @@ def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | N
                 strict=False,
             )
         triton.run()
+        started.set()
         log.info(
             "triton_serving",
             grpc=settings.triton_grpc_port,

@@ -51,9 +51,7 @@ class TritonProc:
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc}"
 
-    def start(self, timeout_s: float = 240) -> float:
-        import tritonclient.http as httpclient
-
+    def launch(self) -> None:
         env = {
             **os.environ,
             "RLAIF_PROFILE": "tiny",
@@ -63,7 +61,6 @@ class TritonProc:
             "RLAIF_TRITON_GRPC_PORT": str(self.grpc),
             "RLAIF_TRITON_METRICS_PORT": str(self.metrics),
         }
-        t0 = time.monotonic()
         with open(self.run_dir / "triton.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "triton"],
@@ -72,6 +69,13 @@ class TritonProc:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def start(self, timeout_s: float = 240) -> float:
+        import tritonclient.http as httpclient
+
+        t0 = time.monotonic()
+        self.launch()
+        assert self.proc is not None
         client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http}")
         try:
             while time.monotonic() - t0 < timeout_s:
@@ -224,3 +228,28 @@ async def test_judge_outage_loses_nothing_and_drains(tiny_settings: Settings, tm
             judge.kill()
             judge.wait()
         triton.stop()
+
+
+def test_tritonserver_killed_during_startup_takes_the_service_down_at_once(tmp_path: Path) -> None:
+    """PyTriton alone would wait up to 120 s for a dead server (a chaos run hit this); the watchdog exits at once
+    so the supervisor restarts the service."""
+    triton = TritonProc(tmp_path)
+    triton.launch()
+    assert triton.proc is not None
+    service = psutil.Process(triton.proc.pid)
+    server = None
+    deadline = time.monotonic() + 120
+    while server is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            server = next((p for p in service.children(recursive=True) if p.name() == "tritonserver"), None)
+        time.sleep(0.05)
+    assert server is not None, (tmp_path / "triton.log").read_text()[-2000:]
+    time.sleep(1.0)  # mid start-up, as in the chaos run: the models are still loading
+    server.kill()
+    try:
+        code = triton.proc.wait(timeout=60)
+    finally:
+        triton.stop()
+    log = (tmp_path / "triton.log").read_text()
+    assert code != 0
+    assert "tritonserver_died_during_startup" in log, log[-2000:]
