@@ -24,7 +24,7 @@ import torch
 
 from services._broker import EmbeddedBroker
 from services._generator import Generator
-from services._learner import INLINE_MAX_BYTES, Learner, LearnerState
+from services._learner import INLINE_MAX_BYTES, Learner, LearnerState, checkpoint_path
 from services._policy import apply_weights, build_policy, load_weights_blob, serialize_weights
 from services._settings import Settings
 from services.bench._common import Report, Row
@@ -34,11 +34,14 @@ N_GENERATORS = 2
 
 
 def _publisher_shell(settings: Settings, model: Any) -> Learner:
-    """A Learner with only what ``publish_policy`` touches: no reference model, optimizer or checkpoint."""
+    """A Learner with only what ``publish_policy`` touches (it checkpoints before it announces a version, so
+    the optimizer and the checkpoint path too), without the reference model or the consumer."""
     shell = Learner.__new__(Learner)
     shell.s = settings
     shell.state = LearnerState()
     shell.model = model
+    shell.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    shell.ckpt_path = checkpoint_path(settings.run_dir)
     shell.topics = settings.topics
     shell.policy_store = (settings.run_dir / "policy").resolve()
     shell.publisher = Publisher(settings.kafka)

@@ -93,3 +93,18 @@ def test_compute_standalone_with_random_weights(tmp_path: Path) -> None:
     assert judge["rows"] == 8 * 4  # quick: 8 rollouts x the 4 llm principles
     assert judge["max_abs_diff_shared_vs_padded"] < 1e-4
     assert report["details"]["random_weights"] is True
+
+
+@pytest.mark.slow
+def test_weights_quick() -> None:
+    """The real publish path (checkpoint, policy store, PolicyUpdate + chunks) into two real generators."""
+    report = run_suite("weights", quick=True).to_dict()
+    _check_rows(
+        report,
+        {
+            "full: publish -> all 2 generators swapped",
+            "lora: publish -> all 2 generators swapped",
+            "LoRA payload is smaller by",
+        },
+    )
+    assert report["details"]["full"]["payload_bytes"] > report["details"]["lora"]["payload_bytes"]
