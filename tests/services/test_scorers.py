@@ -15,12 +15,15 @@ from services.bench._common import realistic_rollout
 from services.triton._scorers import LlmJudge, common_prefix_len, prefix_groups
 
 
-def _questions(n_rollouts: int) -> list[str]:
+def _questions() -> tuple[list[str], list[tuple[str, int]]]:
+    """The judge questions about 2 prompts x 2 completions each (as a generator group publishes them), one
+    per llm principle, plus one unrelated row; and (principle, prompt) for each question."""
     constitution = load_constitution(Settings().constitution)
     llm = [p for p in constitution.principles if p.scorer == "llm"]
-    rollouts = [realistic_rollout(prompt_tokens=20 + 7 * i, completion_tokens=15 + 3 * i, seq=i) for i in range(3)]
-    qs = [render_judge_question(p, r.prompt, r.completion) for r in rollouts[:n_rollouts] for p in llm]
-    return [*qs, "Is this short question fine?"]  # one row that shares nothing
+    rollouts = [realistic_rollout(prompt_tokens=40, completion_tokens=20, seq=i, group_size=2) for i in range(4)]
+    questions = [render_judge_question(p, r.prompt, r.completion) for r in rollouts for p in llm]
+    about = [(p.id, i // 2) for i in range(len(rollouts)) for p in llm]
+    return [*questions, "Is this short question fine?"], [*about, ("none", -1)]
 
 
 @pytest.mark.parametrize("render_mode", ["plain", "chat"])
@@ -28,11 +31,13 @@ def test_shared_prefix_scores_equal_the_padded_batch(tiny_settings: Settings, re
     judge = LlmJudge.from_pretrained(
         prepare_model(tiny_settings.judge_model, tiny_settings.cache_dir), render_mode=render_mode
     )
-    questions = _questions(3)
+    questions, about = _questions()
     groups = prefix_groups(judge.token_rows(questions), judge.min_shared_tokens)
     shared = [members for prefix, members in groups if prefix]
-    # the questions about each rollout form one group; the odd row goes alone
-    assert sorted(len(m) for m in shared) == [4, 4, 4] and sum(len(m) for _, m in groups) == len(questions)
+    # the default template puts the principle before the conversation: the questions that share a prefix worth
+    # computing once are one principle's questions about the completions of one prompt
+    assert len(shared) == 8 and all(len(m) == 2 and about[m[0]] == about[m[1]] for m in shared), groups
+    assert sorted(i for _, m in groups for i in m) == list(range(len(questions)))
 
     judge.share_prefixes = False
     padded = judge.score(questions)
