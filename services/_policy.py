@@ -31,14 +31,19 @@ def build_policy(model_name: str, cache_dir: Path, *, lora: bool, lora_rank: int
     return model, tok
 
 
-def trainable_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
+def _live_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
+    """The tensors that travel (the adapter, or every weight), as the model holds them: no copies."""
     if lora:
         from peft import get_peft_model_state_dict
 
         state: dict[str, torch.Tensor] = get_peft_model_state_dict(model)
-    else:
-        state = dict(model.state_dict())
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        return state
+    return dict(model.state_dict())
+
+
+def trainable_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
+    """A CPU copy of the tensors that travel, safe to keep while training goes on."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in _live_state(model, lora).items()}
 
 
 def serialize_weights(model: Any, lora: bool, metadata: dict[str, str] | None = None) -> bytes:
@@ -51,7 +56,7 @@ def load_weights_blob(blob: bytes, model: Any, lora: bool) -> dict[str, torch.Te
         tensors = st_load(blob)
     except Exception as exc:  # safetensors raises its own SafetensorError for any malformed header
         raise IntegrityError(f"not a safetensors file: {exc}") from exc
-    expected = trainable_state(model, lora)
+    expected = _live_state(model, lora)  # shapes and dtypes only: no copy of the model's tensors
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or unexpected:
         raise IntegrityError(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")

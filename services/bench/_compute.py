@@ -324,12 +324,12 @@ def run(
 
 
 async def run_compute(report: Report, *, quick: bool, device: str = "cpu") -> None:
-    """``rlaif bench compute``: the default profile's own models, from their wheels."""
+    """``rlaif bench compute``: the profile's own models (default; tiny with ``--quick``), from their wheels."""
     from services._data import load_constitution
     from services._models import prepare_model
     from services._settings import Settings
 
-    settings = Settings(profile="default")
+    settings = Settings(profile="tiny" if quick else "default")
     models = Models(
         student_dir=prepare_model(settings.student_model, settings.cache_dir),
         judge_dir=prepare_model(settings.judge_model, settings.cache_dir),
