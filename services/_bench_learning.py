@@ -96,17 +96,7 @@ async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
     from services._supervisor import up
 
     report = await up(settings, steps=0, report_path=settings.run_dir / "up-report.json", minutes=minutes, live=False)
-    by_version = report["eval_reward_by_version"]
-    seen_at = report.get("eval_seen_at", {})
-    timeline = [
-        {
-            "t": seen_at.get(v, 0.0),
-            "policy_version": int(v),
-            "reward": d["reward"],
-            "by_principle": {k: x for k, x in d.items() if k != "reward"},
-        }
-        for v, d in sorted(by_version.items(), key=lambda kv: int(kv[0]))
-    ]
+    timeline = async_timeline(report)
     steps = report["learner_metrics_by_step"]
     kl = steps[max(steps, key=int)]["kl"] if steps else 0.0
     return {
@@ -117,6 +107,26 @@ async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
         "rollouts_per_s": report["rollouts_per_s"],
         "judged_per_s": report["judged_per_s"],
     }
+
+
+def async_timeline(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Complete held-out eval rounds (the EvalResult events), as the lockstep baseline reports its own.
+
+    Not ``eval_reward_by_version``: while the policy moves, one round's answers come from several versions, so a
+    per-version slice can hold one or two of the eval prompts and swings with them (seen: 0.27-0.40 for rounds
+    whose complete means were 0.340-0.348). A round is placed at the version most of its answers came from.
+    """
+    seen_at = report.get("eval_seen_at", {})
+    return [
+        {
+            "t": seen_at.get(str(e["policy_version"]), 0.0),
+            "policy_version": e["policy_version"],
+            "eval_round": e["eval_round"],
+            "reward": e["reward"],
+            "by_principle": e["by_principle"],
+        }
+        for e in sorted(report.get("eval_results", []), key=lambda e: e["eval_round"])
+    ]
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -147,6 +157,12 @@ async def bench_learning(base: Settings, minutes: float, report: Path) -> dict[s
     result: dict[str, Any] = {"minutes_per_run": minutes, "profile": base.profile}
     result["async"] = await run_async(base.model_copy(update={"run_dir": run_root / "async"}), minutes)
     result["sync"] = await run_sync(base.model_copy(update={"run_dir": run_root / "sync"}), minutes)
+    await asyncio.to_thread(summarize, result, report)
+    return result
+
+
+def summarize(result: dict[str, Any], report: Path) -> None:
+    """First/last eval reward of both runs, the PNG and the JSON report, from the two runs' timelines."""
     tl = result["async"]["eval_timeline"]
     result["eval_reward_first"] = tl[0]["reward"] if tl else None
     result["eval_reward_last"] = tl[-1]["reward"] if tl else None
@@ -157,8 +173,7 @@ async def bench_learning(base: Settings, minutes: float, report: Path) -> dict[s
     result["sync_eval_reward_first"] = stl[0]["reward"] if stl else None
     result["sync_eval_reward_last"] = stl[-1]["reward"] if stl else None
     png = report.with_suffix(".png")
-    await asyncio.to_thread(png.parent.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(_plot, result, png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    _plot(result, png)
     result["plot"] = str(png)
-    await asyncio.to_thread(_write_json, report, result)
-    return result
+    _write_json(report, result)
