@@ -23,12 +23,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def build_policy(model_name: str, cache_dir: Path, *, lora: bool, lora_rank: int = 8, seed: int = 0) -> tuple[Any, Any]:
     model, tok = load_causal_lm(model_name, cache_dir)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(seed)  # identical adapter init everywhere (B = 0, so v0 == the base model)
-        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
-        model = get_peft_model(model, config)
+        model = with_lora(model, lora_rank, seed)
     return model, tok
+
+
+def with_lora(model: Any, lora_rank: int, seed: int = 0) -> Any:
+    """The project's LoRA adapter (rank r, alpha 2r, on q,k,v,o) around ``model``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # identical adapter init everywhere (B = 0, so v0 == the base model)
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    return get_peft_model(model, config)
 
 
 def _live_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:

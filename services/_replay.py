@@ -90,8 +90,6 @@ async def start_positions(cfg: KafkaConfig, topic: str, flt: ReplayFilter) -> di
         return {}
     consumer = make_consumer(cfg, group_id=None)
     await consumer.start()
-    # let aiokafka's no-group coordinator task start: stopping before it ran raises CancelledError in stop()
-    await asyncio.sleep(0)
     try:
         parts: set[int] = set()
         for _ in range(50):  # metadata arrives asynchronously after start()

@@ -9,41 +9,32 @@ exist only inside the pipeline suite.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.bench._common import Report, Row, markdown_table, print_report
 
-SUITES = ("bus", "judge", "weights", "pipeline", "e2e", "compute")
+# suite name -> its coroutine in services.bench._<name>, imported on first use (each pulls in heavy modules)
+_RUNNERS = {
+    "bus": "run_bus",
+    "judge": "run_judge",
+    "weights": "run_weights",
+    "pipeline": "run_pipeline",
+    "e2e": "run_e2e",
+    "compute": "run_compute",
+}
+SUITES = tuple(_RUNNERS)
 
 
 def _suite(name: str) -> Callable[..., Coroutine[Any, Any, None]]:
-    if name == "bus":
-        from services.bench._bus import run_bus
-
-        return run_bus
-    if name == "judge":
-        from services.bench._judge import run_judge
-
-        return run_judge
-    if name == "weights":
-        from services.bench._weights import run_weights
-
-        return run_weights
-    if name == "pipeline":
-        from services.bench._pipeline import run_pipeline
-
-        return run_pipeline
-    if name == "e2e":
-        from services.bench._e2e import run_e2e
-
-        return run_e2e
-    if name == "compute":
-        from services.bench._compute import run_compute
-
-        return run_compute
-    raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    if name not in _RUNNERS:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    runner: Callable[..., Coroutine[Any, Any, None]] = getattr(
+        importlib.import_module(f"services.bench._{name}"), _RUNNERS[name]
+    )
+    return runner
 
 
 def run_suite(name: str, *, quick: bool = False, device: str = "cpu") -> Report:

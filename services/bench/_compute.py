@@ -39,10 +39,9 @@ import torch
 
 from schemas import Constitution, render_judge_question
 from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
+from services._policy import with_lora
 from services.bench._common import Report, Row, realistic_rollout
 from services.triton._scorers import LlmJudge
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 @dataclass(frozen=True)
@@ -157,13 +156,7 @@ def measure_learner_step(models: Models, shape: Shape, device: str, lora: bool, 
     model, tok = models.load("student", device)
     reference = None
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(0)
-        config = LoraConfig(
-            r=shape.lora_rank, lora_alpha=2 * shape.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS
-        )
-        model = get_peft_model(model, config)
+        model = with_lora(model, shape.lora_rank)
     else:
         reference, _ = models.load("student", device)
         reference.eval()
