@@ -105,21 +105,25 @@ class Generator:
                         assembler = None
                         continue
                     if event.uri:
-                        blob = resolve_weights_uri(event.uri, store).read_bytes()
-                        verify_blob(blob, event)
-                        self._stage(event.policy_version, blob)
+                        # hundreds of MB to read, hash and parse: off the event loop, so consuming goes on
+                        await asyncio.to_thread(self._stage_file, event, resolve_weights_uri(event.uri, store))
                         assembler = None
                     else:
                         assembler = ChunkAssembler(event)
                 elif isinstance(event, PolicyChunk) and assembler is not None:
                     blob_or_none = assembler.feed(event)
                     if blob_or_none is not None:
-                        self._stage(event.policy_version, blob_or_none)
+                        await asyncio.to_thread(self._stage, event.policy_version, blob_or_none)
                         assembler = None
             except (SchemaError, IntegrityError, OSError) as exc:
                 assembler = None
                 log.error("policy_update_rejected", error=str(exc), offset=record.offset, serving=self.version)
                 await self.dlq.send(record, exc)
+
+    def _stage_file(self, update: PolicyUpdate, path: Path) -> None:
+        blob = path.read_bytes()
+        verify_blob(blob, update)
+        self._stage(update.policy_version, blob)
 
     def _stage(self, version: int, blob: bytes) -> None:
         tensors = load_weights_blob(blob, self.model, self.settings.lora)

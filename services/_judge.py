@@ -46,7 +46,7 @@ def build_app(settings: Settings) -> Any:
     topics = settings.topics
     constitution = load_constitution(settings.constitution)
     judge_id = settings.service_id or default_service_id("judge")
-    app = make_app("rlaif-judges", settings.kafka, web_port=free_port())
+    app = make_app("rlaif-judges", settings.kafka, web_port=free_port(), datadir=settings.run_dir / "faust" / judge_id)
     rollouts = app.topic(topics.rollouts, value_type=bytes, key_type=bytes)
     scorer = TritonJudge.from_settings(settings, constitution)
     publisher = Publisher(settings.kafka)

@@ -3,14 +3,16 @@
 It reads the rewards topic by manual assignment (no consumer group) from the offsets saved in its
 checkpoint. The checkpoint is one safetensors file holding the trainable weights, the AdamW state, the next
 offset of every partition, the ledger of trained rollout ids and the rollouts buffered but not yet trained, so a
-restart resumes exactly where the weights are: nothing trained twice, nothing skipped.
+restart resumes exactly where the weights are: nothing trained twice, nothing skipped. Weights are written once
+per push, into the policy store; the checkpoint taken right after refers to that file. Versions are numbered
+after the newest file in the store, so a learner that restarts from a checkpoint older than its last push never
+reuses a version number.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +21,29 @@ from typing import Any
 import structlog
 import torch
 from aiokafka import TopicPartition
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from schemas import EvalResult, JudgedRollout, LearnerStep, PolicyUpdate, SchemaError
+from schemas import (
+    EvalResult,
+    IntegrityError,
+    JudgedRollout,
+    LearnerStep,
+    PolicyChunk,
+    PolicyUpdate,
+    SchemaError,
+)
 from services import _metrics as metrics
 from services._data import load_prompts
 from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
 from services._models import load_causal_lm
-from services._policy import build_policy, serialize_weights, trainable_state
+from services._policy import (
+    apply_weights,
+    build_policy,
+    load_weights_blob,
+    weights_on_cpu,
+    write_safetensors,
+    write_weights,
+)
 from services._proc import run_until_signalled
 from services._settings import Settings
 from streams import (
@@ -35,6 +52,7 @@ from streams import (
     decode,
     encode,
     ensure_topics,
+    file_sha256,
     make_consumer,
     sha256_hex,
     split_chunks,
@@ -105,14 +123,17 @@ class Learner:
         n_eval_prompts = sum(1 for p in load_prompts(settings.prompts) if p.split == "eval")
         self._eval_size = max(1, min(settings.eval_prompts, n_eval_prompts))
         self.load_checkpoint()
+        newest = newest_policy_version(self.policy_store)
+        if newest > self.state.version:
+            log.warning("version_floor_from_policy_store", checkpoint_version=self.state.version, newest=newest)
+            self.state.version = newest
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        tensors = {f"model.{k}": v for k, v in trainable_state(self.model, self.s.lora).items()}
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for name, value in st.items():
-                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().to("cpu").clone().contiguous()
+    def save_checkpoint(self, weights_file: Path | None = None, weights_sha256: str = "") -> None:
+        """Weights, AdamW state, offsets and ledger in one atomic file. Right after a push the weights are
+        already durable in the policy store, so the checkpoint refers to that file instead of writing them twice.
+        """
+        tensors: dict[str, torch.Tensor] = {}
         st_ = self.state
         meta = {
             "step": str(st_.step),
@@ -123,10 +144,15 @@ class Learner:
             "counters": json.dumps(st_.counters),
             "pending": json.dumps([encode(e).decode() for group in st_.pending.values() for e in group.values()]),
         }
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self.ckpt_path)  # atomic: weights, offsets and ledger move together
+        if weights_file is None:
+            tensors = {f"model.{k}": v for k, v in weights_on_cpu(self.model, self.s.lora).items()}
+        else:
+            meta |= {"weights_file": weights_file.name, "weights_sha256": weights_sha256}
+        opt = self.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for name, value in st.items():
+                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
+        write_safetensors(tensors, self.ckpt_path, meta)  # weights, offsets and ledger move together
         log.info("checkpoint_saved", step=st_.step, version=st_.version, offsets=st_.offsets)
 
     def load_checkpoint(self) -> None:
@@ -137,9 +163,13 @@ class Learner:
         with safe_open(str(self.ckpt_path), framework="pt") as fh:
             meta = fh.metadata()
         tensors = load_file(str(self.ckpt_path))
-        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-        from services._policy import apply_weights
-
+        if "weights_file" in meta:
+            blob = (self.policy_store / meta["weights_file"]).read_bytes()
+            if sha256_hex(blob) != meta["weights_sha256"]:
+                raise IntegrityError(f"checkpoint weights {meta['weights_file']} do not match their sha256")
+            model_state = load_weights_blob(blob, self.model, self.s.lora)
+        else:
+            model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         apply_weights(self.model, model_state, self.s.lora)
         opt = self.optimizer.state_dict()
         for key, value in tensors.items():
@@ -308,30 +338,35 @@ class Learner:
     async def publish_policy(self, step_metrics: dict[str, float]) -> None:
         st_ = self.state
         st_.version += 1
-        blob = serialize_weights(self.model, self.s.lora, metadata={"policy_version": str(st_.version)})
-        self.policy_store.mkdir(parents=True, exist_ok=True)
         path = self.policy_store / f"v{st_.version:06d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
-        chunks = split_chunks(blob, st_.version) if len(blob) <= INLINE_MAX_BYTES else []
+        # seconds of disk work for full weights: in threads, so the event loop (and the producer) keeps going
+        chunks, digest = await asyncio.to_thread(self._write_policy_file, path, st_.version)
         update = PolicyUpdate(
             policy_version=st_.version,
             learner_step=st_.step,
             base_model=self.s.student_model,
             kind="lora" if self.s.lora else "full",
-            sha256=chunks[0].sha256 if chunks else sha256_hex(blob),
-            size_bytes=len(blob),
+            sha256=digest,
+            size_bytes=path.stat().st_size,
             n_chunks=len(chunks),
             uri=None if chunks else f"file://{path}",
             metrics=step_metrics,
         )
-        # Checkpoint before announcing: a learner killed after publishing version N must not come back from an
-        # older checkpoint and publish a *different* version N (generators would ignore it as already seen).
-        self.save_checkpoint()
         await self.publisher.send(self.topics.policy, update, key=str(st_.version))
         await self.publisher.send_many(self.topics.policy, [(str(st_.version), c) for c in chunks])
-        log.info("policy_published", policy_version=st_.version, bytes=len(blob), chunks=len(chunks))
+        # After the announcement, off the generators' path: a learner killed before this checkpoint comes back
+        # from an older one, but numbers its next version after the newest file in the policy store, so it can
+        # never announce a *different* version N (generators ignore versions they have seen).
+        await asyncio.to_thread(self.save_checkpoint, path, digest)
+        log.info("policy_published", policy_version=st_.version, bytes=update.size_bytes, chunks=len(chunks))
+
+    def _write_policy_file(self, path: Path, version: int) -> tuple[list[PolicyChunk], str]:
+        """Write the weights once, durably; small files also travel inline as chunks."""
+        write_weights(self.model, self.s.lora, path, metadata={"policy_version": str(version)})
+        if path.stat().st_size <= INLINE_MAX_BYTES:
+            chunks = split_chunks(path.read_bytes(), version)
+            return chunks, chunks[0].sha256
+        return [], file_sha256(path)
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -398,6 +433,16 @@ class Learner:
 
 def run(settings: Settings) -> None:
     run_until_signalled(lambda: Learner(settings))
+
+
+def newest_policy_version(store: Path) -> int:
+    """The highest version with a weights file in the policy store (0 if none).
+
+    >>> newest_policy_version(Path("/nonexistent"))
+    0
+    """
+    names = (p.stem for p in store.glob("v*.safetensors"))
+    return max((int(n[1:]) for n in names if n[1:].isdigit()), default=0)
 
 
 def checkpoint_path(run_dir: Path) -> Path:

@@ -7,12 +7,15 @@ Weights travel as safetensors — never pickle — and are checked tensor by ten
 
 from __future__ import annotations
 
+import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from schemas import IntegrityError
 from services._models import load_causal_lm
@@ -36,23 +39,90 @@ def with_lora(model: Any, lora_rank: int, seed: int = 0) -> Any:
     return get_peft_model(model, config)
 
 
-def _live_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
-    """The tensors that travel (the adapter, or every weight), as the model holds them: no copies."""
+_TRAVELLING: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _travelling(model: Any, lora: bool) -> dict[str, torch.Tensor]:
+    """Name -> live parameter of every tensor that travels (the adapter, or every weight), resolved once.
+
+    Walking the module tree (``state_dict``, peft's ``get_peft_model_state_dict``) costs ~25 ms on SmolLM2,
+    which was most of a LoRA push, so it is done once per model: parameters keep their identity through
+    optimizer steps and ``.to(device)``. A tensor tied to an earlier one (the LM head and the input
+    embedding) travels once; writing the embedding updates the head.
+    """
+    cached = _TRAVELLING.get(model)
+    if cached is not None:
+        return cached
     if lora:
         from peft import get_peft_model_state_dict
 
-        state: dict[str, torch.Tensor] = get_peft_model_state_dict(model)
-        return state
-    return dict(model.state_dict())
+        named: dict[str, torch.Tensor] = get_peft_model_state_dict(model)
+    else:
+        named = dict(model.state_dict())
+    # parameters only: they keep their identity when the model moves; a buffer is replaced by ``.to()``
+    owners = {p.data_ptr(): p for p in model.parameters()}
+    resolved: dict[str, torch.Tensor] = {}
+    for name, tensor in named.items():
+        owner = owners.get(tensor.data_ptr())
+        if owner is None:  # a buffer or a computed entry: resolving it once could go stale, so do not cache
+            return {name: t.detach() for name, t in named.items()}
+        if all(owner is not seen for seen in resolved.values()):  # a tied tensor travels once
+            resolved[name] = owner
+    _TRAVELLING[model] = resolved
+    return resolved
+
+
+def _live_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
+    """The tensors that travel, as the model holds them: no copies."""
+    return {name: t.detach() for name, t in _travelling(model, lora).items()}
+
+
+def weights_on_cpu(model: Any, lora: bool) -> dict[str, torch.Tensor]:
+    """The tensors that travel on the CPU: the model's own tensors there (no copy), a copy from a GPU."""
+    return {k: v.to("cpu").contiguous() for k, v in _live_state(model, lora).items()}
 
 
 def trainable_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
     """A CPU copy of the tensors that travel, safe to keep while training goes on."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in _live_state(model, lora).items()}
+    return {k: v.clone() for k, v in weights_on_cpu(model, lora).items()}
 
 
 def serialize_weights(model: Any, lora: bool, metadata: dict[str, str] | None = None) -> bytes:
-    return st_save(trainable_state(model, lora), metadata=metadata)
+    return st_save(weights_on_cpu(model, lora), metadata=metadata)
+
+
+def write_weights(model: Any, lora: bool, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the travelling tensors to ``path`` durably, straight from the model (no in-memory file)."""
+    write_safetensors(weights_on_cpu(model, lora), path, metadata)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+    """Atomic and durable: readers see the old file or the whole new one, also after a power cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself
+    finally:
+        os.close(dir_fd)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Any NaN or infinity makes the sum non-finite; a finite tensor only fails by overflowing the sum, which
+    usable weights never do (and refusing such a tensor is the safe side). 10x faster than ``isfinite().all()``.
+
+    >>> _all_finite(torch.ones(3)), _all_finite(torch.tensor([1.0, float("nan")]))
+    (True, False)
+    """
+    acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=acc)))
 
 
 def load_weights_blob(blob: bytes, model: Any, lora: bool) -> dict[str, torch.Tensor]:
@@ -62,27 +132,31 @@ def load_weights_blob(blob: bytes, model: Any, lora: bool) -> dict[str, torch.Te
     except Exception as exc:  # safetensors raises its own SafetensorError for any malformed header
         raise IntegrityError(f"not a safetensors file: {exc}") from exc
     expected = _live_state(model, lora)  # shapes and dtypes only: no copy of the model's tensors
-    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
-    if missing or unexpected:
-        raise IntegrityError(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    _check_names(tensors, expected)
     for name, tensor in tensors.items():
         ref = expected[name]
         if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
             raise IntegrityError(
                 f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
             )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise IntegrityError(f"{name}: non-finite values")
     return tensors
 
 
-def apply_weights(model: Any, tensors: dict[str, torch.Tensor], lora: bool) -> None:
-    if lora:
-        from peft import set_peft_model_state_dict
+def _check_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        raise IntegrityError(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
-        set_peft_model_state_dict(model, tensors)
-    else:
-        model.load_state_dict(tensors, strict=True)
+
+def apply_weights(model: Any, tensors: dict[str, torch.Tensor], lora: bool) -> None:
+    """Copy ``tensors`` into the model in place (every travelling tensor, nothing else)."""
+    live = _travelling(model, lora)
+    _check_names(tensors, live)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            live[name].copy_(tensor)
 
 
 def render_prompt(tokenizer: Any, text: str) -> str:

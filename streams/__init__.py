@@ -14,7 +14,7 @@ from streams._config import KafkaConfig
 from streams._dlq import DeadLetterSink, dead_letter_for
 from streams._faust import make_app
 from streams._topics import Topics, TopicSpec, validate_topic_name
-from streams._weights import ChunkAssembler, sha256_hex, split_chunks, verify_blob
+from streams._weights import ChunkAssembler, file_sha256, sha256_hex, split_chunks, verify_blob
 
 __all__ = [
     "MAX_EVENT_BYTES",
@@ -29,6 +29,7 @@ __all__ = [
     "decode_any",
     "encode",
     "ensure_topics",
+    "file_sha256",
     "make_app",
     "make_consumer",
     "make_producer",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -10,10 +11,11 @@ from faust.types.auth import SASLMechanism
 from streams._config import KafkaConfig
 
 
-def make_app(app_id: str, cfg: KafkaConfig, *, web_port: int, **overrides: Any) -> faust.App:
+def make_app(app_id: str, cfg: KafkaConfig, *, web_port: int, datadir: Path, **overrides: Any) -> faust.App:
     """A faust app with raw-bytes topics (our codecs decode them) and short group sessions.
 
-    faust binds its web port even with the web server disabled, so each worker needs its own ``web_port``.
+    faust binds its web port even with the web server disabled, so each worker needs its own ``web_port``;
+    it also creates ``datadir`` (default: ``<app id>-data`` in the working directory, so pass one in the run dir).
     Critical state stays out of faust Tables: table recovery after crashes skipped messages on Tansu.
     """
     credentials: Any = None
@@ -40,6 +42,7 @@ def make_app(app_id: str, cfg: KafkaConfig, *, web_port: int, **overrides: Any) 
         "store": "memory://",
         "web_enabled": False,
         "web_port": web_port,
+        "datadir": str(datadir),
         "web_bind": "127.0.0.1",
         "web_host": "127.0.0.1",
         "value_serializer": "raw",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from schemas import IntegrityError, PolicyChunk, PolicyUpdate
 
@@ -15,6 +16,12 @@ DEFAULT_CHUNK_BYTES = 512 * 1024  # well under Apache Kafka's default 1 MB messa
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks (a full-weights file need not fit in memory twice)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def split_chunks(blob: bytes, policy_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[PolicyChunk]:

@@ -1,7 +1,8 @@
 """Weights suite: a learner publishes new weights; how long until every generator serves them?
 
-The project path is the real one: ``Learner.publish_policy`` (serialize -> safetensors file in the policy
-store -> PolicyUpdate + PolicyChunks on the policy topic, or a URI above the inline limit) and two in-process
+The project path is the real one: ``Learner.publish_policy`` (weights written once, durably, into the policy
+store; the checkpoint with the AdamW state, offsets and ledger refers to that file; then PolicyUpdate +
+PolicyChunks on the policy topic, or a URI above the inline limit) and two in-process
 :class:`~services._generator.Generator` objects running ``follow_policy`` (assemble, verify, ``_stage``) and
 ``_swap_if_staged``. The baseline does the same work with a shared disk as the transport: serialize, write +
 fsync, then per generator read + parse/validate (``load_weights_blob``) + ``apply_weights``. The ratio is
@@ -48,12 +49,14 @@ def _publisher_shell(settings: Settings, model: Any) -> Learner:
     return shell
 
 
-@torch.no_grad()
-def _perturb(model: Any, scale: float = 1e-3) -> None:
-    """Stand in for an optimizer step: every trainable tensor changes, so every version is new bytes."""
+def _optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scale: float = 1e-3) -> None:
+    """A real AdamW step on random gradients: every trainable tensor changes (every version is new bytes) and
+    the optimizer holds its moments, which the learner's checkpoint-before-publish writes like in a real run."""
     for p in model.parameters():
         if p.requires_grad:
-            p.add_(torch.randn_like(p) * scale)
+            p.grad = torch.randn_like(p) * scale
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list[float], list[float], str]:
@@ -79,7 +82,7 @@ async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list
     first_done: list[float] = []
     try:
         for version in range(1, rounds + 1):
-            _perturb(model)
+            _optimizer_step(model, shell.optimizer)
             started = time.perf_counter()
             await shell.publish_policy({"bench": 1.0})
             deadline = started + 300
@@ -109,8 +112,9 @@ def _disk_rounds(
     settings: Settings, model: Any, readers: list[Any], rounds: int, root: Path
 ) -> tuple[list[float], list[float]]:
     full, io_only = [], []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for version in range(1, rounds + 1):
-        _perturb(model)
+        _optimizer_step(model, optimizer)
         started = time.perf_counter()
         blob = serialize_weights(model, settings.lora, metadata={"policy_version": str(version)})
         path = root / f"disk-v{version}.safetensors"

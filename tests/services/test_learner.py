@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from safetensors.torch import load_file
 
 from schemas import JudgedRollout, LearnerStep, PolicyUpdate, PromptTask, Rollout
 from services._generator import Generator
@@ -77,7 +78,8 @@ async def test_learner_steps_pushes_dedupes_and_resumes(tiny_settings: Settings)
         base, _ = build_policy(s.student_model, s.cache_dir, lora=False)
         blob = (s.run_dir / "policy" / "v000002.safetensors").resolve().read_bytes()
         tensors = load_weights_blob(blob, base, lora=False)
-        diff = sum(float((tensors[k] - v).abs().sum()) for k, v in base.state_dict().items())
+        base_state = base.state_dict()
+        diff = sum(float((v - base_state[k]).abs().sum()) for k, v in tensors.items())
         assert diff > 0
 
         # restart: the checkpoint holds the buffered (untrained) groups and offsets; feed the rest
@@ -114,3 +116,39 @@ def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings) -
     with torch.no_grad():
         after = completion_logprobs(learner.model, seq, 0)[0].sum().item()
     assert after > before
+
+
+def test_checkpoint_after_a_push_refers_to_the_policy_file(tiny_settings: Settings) -> None:
+    """Right after a push the checkpoint does not write the weights again; a restart reads (and checks) them
+    from the policy store."""
+    import pytest
+
+    from schemas import IntegrityError
+    from services._policy import trainable_state, write_weights
+    from streams import file_sha256
+
+    learner = Learner(tiny_settings)
+    learner.train_step([judged_groups(tiny_settings, 1)])
+    path = learner.policy_store / "v000001.safetensors"
+    write_weights(learner.model, tiny_settings.lora, path)
+    learner.save_checkpoint(weights_file=path, weights_sha256=file_sha256(path))
+    assert not any(k.startswith("model.") for k in load_file(learner.ckpt_path))
+
+    resumed = Learner(tiny_settings)
+    want, got = trainable_state(learner.model, False), trainable_state(resumed.model, False)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert resumed.state.step == 1
+
+    path.write_bytes(path.read_bytes()[:-8])  # a damaged policy file must not be trained on silently
+    with pytest.raises(IntegrityError):
+        Learner(tiny_settings)
+
+
+def test_versions_continue_after_the_newest_policy_file(tiny_settings: Settings) -> None:
+    """Killed after announcing v5 but before checkpointing: the restart must not announce a different v5."""
+    from services._policy import write_weights
+
+    learner = Learner(tiny_settings)
+    assert learner.state.version == 0
+    write_weights(learner.model, tiny_settings.lora, learner.policy_store / "v000005.safetensors")
+    assert Learner(tiny_settings).state.version == 5
