@@ -35,9 +35,23 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def _summary(scores: list[float], labels: list[int]) -> dict[str, float]:
+def _summary(scores: list[float], labels: list[int]) -> dict[str, float | None]:
+    """AUC, accuracy at 0.5, and the mean score of each class: what a consistent answer earns tells how much
+    reward a student can gain at best (the judge's ceiling), beyond how well it ranks.
+
+    >>> _summary([0.2, 0.6, 0.1], [1, 1, 0])["mean_score_consistent"]
+    0.4
+    """
     correct = sum((s >= 0.5) == (y == 1) for s, y in zip(scores, labels, strict=True))
-    return {"auc": roc_auc(scores, labels), "accuracy": correct / len(labels), "n": len(labels)}
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    return {
+        "auc": roc_auc(scores, labels),
+        "accuracy": correct / len(labels),
+        "n": len(labels),
+        "mean_score_consistent": sum(pos) / len(pos) if pos else None,
+        "mean_score_inconsistent": sum(neg) / len(neg) if neg else None,
+    }
 
 
 def load_items(path: Path) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from schemas import (
 )
 from services import _metrics as metrics
 from services._data import load_prompts
-from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
+from services._learner_algo import LossConfig, group_advantages, micro_batch_loss
 from services._models import load_causal_lm
 from services._policy import (
     apply_weights,
@@ -276,23 +276,17 @@ class Learner:
             sums: dict[str, float] = {}
             for start in range(0, len(rows), micro):
                 chunk = rows[start : start + micro]
-                seqs = [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk]
-                temp = chunk[0].rollout.sampling.temperature
-                pad = self.tokenizer.pad_token_id
-                logp, entropy, mask = completion_logprobs(self.model, seqs, pad, temp)
-                with torch.no_grad():
-                    if self.reference is None:
-                        with self.model.disable_adapter():
-                            ref_logp, _, _ = completion_logprobs(self.model, seqs, pad, temp)
-                    else:
-                        ref_logp, _, _ = completion_logprobs(self.reference, seqs, pad, temp)
-                behaviour = torch.zeros_like(logp)
-                for i, m in enumerate(chunk):
-                    behaviour[i, : len(m.rollout.behaviour_logprobs)] = torch.tensor(m.rollout.behaviour_logprobs)
-                adv = torch.tensor(advantages[start : start + micro], device=logp.device)
-                loss, part = policy_loss(logp, behaviour, ref_logp, adv, mask, self.loss_cfg)
+                loss, part = micro_batch_loss(
+                    self.model,
+                    self.reference,
+                    [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk],
+                    [m.rollout.behaviour_logprobs for m in chunk],
+                    advantages[start : start + micro],
+                    self.tokenizer.pad_token_id,
+                    chunk[0].rollout.sampling.temperature,
+                    self.loss_cfg,
+                )
                 (loss * len(chunk) / len(rows)).backward()
-                part["entropy"] = float(((entropy * mask).sum() / mask.sum()).item())
                 for k, v in part.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)
             grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,3 +116,37 @@ def completion_logprobs(
         entropy[i, : len(c)] = -(step_logp.exp() * step_logp).sum(-1)
         mask[i, : len(c)] = 1.0
     return logp, entropy, mask
+
+
+def micro_batch_loss(
+    model: Any,
+    reference: torch.nn.Module | None,
+    sequences: list[tuple[list[int], list[int]]],
+    behaviour_logprobs: Sequence[Sequence[float]] | None,
+    advantages: Sequence[float],
+    pad_id: int,
+    temperature: float,
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch and its metrics (with the completions' mean entropy).
+
+    ``reference=None`` means a LoRA policy: the frozen reference is the same network with its adapters
+    disabled. ``behaviour_logprobs=None`` treats the batch as on-policy (importance ratio 1).
+    """
+    logp, entropy, mask = completion_logprobs(model, sequences, pad_id, temperature)
+    with torch.no_grad():
+        if reference is None:
+            with model.disable_adapter():
+                ref_logp, _, _ = completion_logprobs(model, sequences, pad_id, temperature)
+        else:
+            ref_logp, _, _ = completion_logprobs(reference, sequences, pad_id, temperature)
+    if behaviour_logprobs is None:
+        behaviour = logp.detach()
+    else:
+        behaviour = torch.zeros_like(logp)
+        for i, row in enumerate(behaviour_logprobs):
+            behaviour[i, : len(row)] = torch.tensor(row, device=logp.device)
+    adv = torch.tensor(list(advantages), device=logp.device)
+    loss, metrics = policy_loss(logp, behaviour, ref_logp, adv, mask, cfg)
+    metrics["entropy"] = float(((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item())
+    return loss, metrics

@@ -50,4 +50,5 @@ def make_app(app_id: str, cfg: KafkaConfig, *, web_port: int, datadir: Path, **o
         "autodiscover": False,
     }
     settings.update(overrides)
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     return faust.App(app_id, **settings)

@@ -9,8 +9,8 @@ generator's sampling run on a device, and what batching buys the judge there.
   generator publishes them; with the principle-first template, questions about one principle and one prompt
   share the instructions, the principle and the prompt.
 - **learner step**: seconds per optimizer step over ``groups_per_step x group_size`` rollouts of the default
-  profile's size, with the learner's own math (:func:`completion_logprobs`, :func:`policy_loss`, reference
-  pass, clipping, AdamW), LoRA and full-weight.
+  profile's size, with the learner's own math (:func:`micro_batch_loss`: policy and reference passes and the
+  clipped loss; then gradient clipping and AdamW), LoRA and full-weight.
 - **generator**: completion tokens/s for one group (G samples of ``max_new_tokens``) with the generator's
   sampling settings.
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from schemas import Constitution, render_judge_question
-from services._learner_algo import LossConfig, completion_logprobs, group_advantages, policy_loss
+from services._learner_algo import LossConfig, group_advantages, micro_batch_loss
 from services._policy import with_lora
 from services.bench._common import Report, Row, realistic_rollout
 from services.triton._scorers import LlmJudge
@@ -171,24 +171,12 @@ def measure_learner_step(models: Models, shape: Shape, device: str, lora: bool, 
     vocab = int(model.get_input_embeddings().num_embeddings)
     seqs = [([t % vocab for t in r.prompt_token_ids], [t % vocab for t in r.completion_token_ids]) for r in rollouts]
     rewards = [((i * 37) % 11) / 10 for i in range(n)]
-    advantages = torch.tensor(
-        [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])],
-        device=device,
-    )
+    advantages = [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])]
     pad = tok.pad_token_id
-    cfg = LossConfig()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logp, _, mask = completion_logprobs(model, seqs, pad)
-        with torch.no_grad():
-            if reference is None:
-                with model.disable_adapter():
-                    ref_logp, _, _ = completion_logprobs(model, seqs, pad)
-            else:
-                ref_logp, _, _ = completion_logprobs(reference, seqs, pad)
-        behaviour = logp.detach() - 0.01
-        loss, _ = policy_loss(logp, behaviour, ref_logp, advantages, mask, cfg)
+        loss, _ = micro_batch_loss(model, reference, seqs, None, advantages, pad, 1.0, LossConfig())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
