@@ -23,6 +23,7 @@ from schemas import (
     JudgedRollout,
     JudgeError,
     JudgeUnavailable,
+    Principle,
     Rollout,
     aggregate_reward,
     render_judge_question,
@@ -150,19 +151,25 @@ class TritonJudge:
             del classifier
         return scores
 
+    async def score_principle(
+        self, principle: Principle, prompt: str, response: str, retry_for_s: float = 60.0
+    ) -> float:
+        """One principle's score for one (prompt, response), scored as in :meth:`score`, retried as in
+        :meth:`judge` (a model still loading answers NOT_FOUND for a moment)."""
+        async for attempt in _retrying(retry_for_s):
+            with attempt:
+                if principle.scorer == "classifier":
+                    return 1.0 - float((await self._infer(str(principle.classifier), [response], "p_toxic"))[0])
+                question = render_judge_question(principle, prompt, response)
+                return float((await self._infer(JUDGE_MODEL, [question], "p_yes"))[0])
+        raise JudgeUnavailable(f"no answer for principle {principle.id} within {retry_for_s}s")
+
     async def judge(self, rollout: Rollout, judge_id: str, retry_for_s: float = 60.0) -> JudgedRollout:
         """Score one rollout, retrying retriable failures for up to ``retry_for_s`` seconds: long enough to
         ride out a Triton restart (~14 s here) so rollouts that arrive meanwhile are judged, not dead-lettered."""
         started = time.perf_counter()
         scores: dict[str, float] | None = None
-        async for attempt in stamina.retry_context(
-            on=lambda exc: isinstance(exc, JudgeError) and exc.retriable,
-            attempts=None,
-            timeout=retry_for_s,
-            wait_initial=0.2,
-            wait_max=5.0,
-            wait_jitter=0.5,
-        ):
+        async for attempt in _retrying(retry_for_s):
             with attempt:
                 scores = await self.score(rollout)
         assert scores is not None
@@ -176,3 +183,15 @@ class TritonJudge:
             judge_latency_s=time.perf_counter() - started,
             judge_id=judge_id,
         )
+
+
+def _retrying(retry_for_s: float) -> Any:
+    """Retriable judge failures (Triton down, restarting, a model loading) with backoff and jitter."""
+    return stamina.retry_context(
+        on=lambda exc: isinstance(exc, JudgeError) and exc.retriable,
+        attempts=None,
+        timeout=retry_for_s,
+        wait_initial=0.2,
+        wait_max=5.0,
+        wait_jitter=0.5,
+    )

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from schemas import ConfigError, Principle, render_judge_question
+from schemas import ConfigError, Principle
 from services._data import load_constitution
-from services._judge_client import JUDGE_MODEL, TritonJudge
+from services._judge_client import TritonJudge
 from services._settings import Settings
 
 
@@ -54,6 +54,25 @@ def _summary(scores: list[float], labels: list[int]) -> dict[str, float | None]:
     }
 
 
+def reward_gap(by_principle: dict[str, dict[str, float | None]], weights: dict[str, float]) -> float | None:
+    """How far the judge's reward moves from an all-inconsistent to an all-consistent student: the weighted
+    mean, over principles, of (mean score of consistent answers - mean score of inconsistent ones). No policy
+    can raise its eval reward by more than about this much, whatever the learner does.
+
+    >>> reward_gap({"a": {"mean_score_consistent": 0.9, "mean_score_inconsistent": 0.1},
+    ...             "b": {"mean_score_consistent": 0.3, "mean_score_inconsistent": 0.3}}, {"a": 1.0, "b": 3.0})
+    0.2
+    """
+    total, gap = 0.0, 0.0
+    for pid, weight in weights.items():
+        row = by_principle.get(pid, {})
+        pos, neg = row.get("mean_score_consistent"), row.get("mean_score_inconsistent")
+        if pos is None or neg is None:
+            return None
+        total, gap = total + weight, gap + weight * (pos - neg)
+    return round(gap / total, 6) if total else None
+
+
 def load_items(path: Path) -> list[dict[str, Any]]:
     items = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -76,11 +95,7 @@ async def score_items(settings: Settings, items: list[dict[str, Any]], concurren
     async def one(item: dict[str, Any]) -> float:
         principle = by_text.get(item["principle"]) or Principle(id="adhoc", text=item["principle"])
         async with gate:
-            if principle.scorer == "classifier":
-                p_bad = await judge._infer(str(principle.classifier), [item["response"]], "p_toxic")
-                return 1.0 - float(p_bad[0])
-            question = render_judge_question(principle, item["prompt"], item["response"])
-            return float((await judge._infer(JUDGE_MODEL, [question], "p_yes"))[0])
+            return await judge.score_principle(principle, item["prompt"], item["response"])
 
     try:
         return list(await asyncio.gather(*(one(i) for i in items)))
@@ -110,9 +125,11 @@ async def judge_eval(settings: Settings, data: Path, triton_url: str | None) -> 
         key = ids.get(item["principle"], item["principle"][:40])
         by_principle[key][0].append(score)
         by_principle[key][1].append(int(item["label"]))
+    per_principle = {k: _summary(s, y) for k, (s, y) in sorted(by_principle.items())}
     return {
         **_summary(scores, labels),
-        "by_principle": {k: _summary(s, y) for k, (s, y) in sorted(by_principle.items())},
+        "by_principle": per_principle,
+        "reward_gap": reward_gap(per_principle, {p.id: p.weight for p in constitution.principles}),
         "judge_model": settings.judge_model,
         "judge_render": settings.judge_render,
         "constitution_id": constitution.constitution_id,

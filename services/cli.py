@@ -155,7 +155,8 @@ def judge_eval_cmd(
     report.write_text(json.dumps(result, indent=2))
     print(
         json.dumps(
-            {k: result[k] for k in ("auc", "accuracy", "n")} | {"by_principle": result["by_principle"]}, indent=2
+            {k: result[k] for k in ("auc", "accuracy", "n", "reward_gap")} | {"by_principle": result["by_principle"]},
+            indent=2,
         )
     )
 
