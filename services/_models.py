@@ -152,15 +152,23 @@ def prepare_model(name: str, cache_dir: Path) -> Path:
     return out_dir
 
 
-def load_causal_lm(name: str, cache_dir: Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode; tokenizers pad on the left for batched generation and scoring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path | str) -> Any:
+    """A model directory's tokenizer, padding on the left: batched generation and scoring read the last position."""
+    from transformers import AutoTokenizer
 
-    path = prepare_model(name, cache_dir)
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, cache_dir: Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = prepare_model(name, cache_dir)
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model, tok

@@ -39,6 +39,7 @@ import torch
 
 from schemas import Constitution, render_judge_question
 from services._learner_algo import LossConfig, group_advantages, micro_batch_loss
+from services._models import load_tokenizer
 from services._policy import with_lora
 from services.bench._common import Report, Row, realistic_rollout
 from services.triton._scorers import LlmJudge
@@ -66,13 +67,10 @@ class Models:
     random_weights: bool
 
     def load(self, which: str, device: str) -> tuple[Any, Any]:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         path = self.student_dir if which == "student" else self.judge_dir
-        tok = AutoTokenizer.from_pretrained(str(path))
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = load_tokenizer(path)
         if self.random_weights:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))

@@ -139,12 +139,11 @@ class LlmJudge:
         """``share_prefixes=None`` shares on a CPU only: there one long row already keeps the cores busy, so
         fewer token positions is what saves time; on a GPU one padded batch of 64 rows ran 13x faster than
         the shared prefixes' many small forwards (``reports/bench-compute-h200.json``)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tok = AutoTokenizer.from_pretrained(str(path))
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        from services._models import load_tokenizer
+
+        tok = load_tokenizer(path)
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         model = model.to(torch.device(device)).eval()  # type: ignore[arg-type]

@@ -16,44 +16,21 @@ from schemas import (
     PolicyUpdate,
     PromptTask,
     Rollout,
-    SamplingParams,
     SchemaError,
     UnknownSchemaVersion,
 )
 from streams import decode, decode_any, encode
-
-
-def make_rollout(**overrides: object) -> Rollout:
-    fields: dict[str, object] = {
-        "rollout_id": "r1",
-        "group_id": "g1",
-        "group_size": 2,
-        "prompt_id": "p1",
-        "prompt": "Hi?",
-        "completion": "Hello.",
-        "prompt_token_ids": [1, 2],
-        "completion_token_ids": [3, 4],
-        "behaviour_logprobs": [-0.5, -1.0],
-        "policy_version": 0,
-        "generator_id": "gen-0",
-        "sampling": SamplingParams(seed=7),
-    }
-    fields.update(overrides)
-    return Rollout(**fields)  # type: ignore[arg-type]
+from tests.factories import make_judged, make_rollout
 
 
 def sample_judged_rollouts(n: int) -> list[JudgedRollout]:
     """Judged rollouts with non-ASCII text and a spread of scores, for readers outside Python."""
     return [
-        JudgedRollout(
-            rollout=make_rollout(rollout_id=f"r{i}", completion=f"answer {i} — ünïcode"),
-            constitution_id="c",
-            constitution_version=1,
-            judge_model="m",
-            scores={"harmless": i / max(1, n), "honest": 1.0},
+        make_judged(
+            make_rollout(rollout_id=f"r{i}", completion=f"answer {i} — ünïcode"),
+            {"harmless": i / max(1, n), "honest": 1.0},
             reward=i / max(1, n),
             judge_latency_s=0.01,
-            judge_id="j",
         )
         for i in range(n)
     ]
@@ -64,15 +41,11 @@ def examples() -> list[msgspec.Struct]:
     return [
         PromptTask(prompt_id="p1", text="Hi?"),
         rollout,
-        JudgedRollout(
-            rollout=rollout,
+        make_judged(
+            rollout,
+            {"harmless": 0.9},
             constitution_id="abc",
-            constitution_version=1,
-            judge_model="m",
-            scores={"harmless": 0.9},
-            reward=0.9,
             judge_latency_s=0.01,
-            judge_id="j",
         ),
         PolicyUpdate(
             policy_version=1,

@@ -15,7 +15,7 @@ from services._policy import build_policy, serialize_weights
 from services._replay import ReplayFilter
 from services._settings import Settings
 from streams import Publisher, decode, ensure_topics, sha256_hex, split_chunks
-from tests.schemas.test_events import make_rollout
+from tests.factories import make_judged, make_rollout
 from tests.services.helpers import collect
 
 
@@ -88,16 +88,7 @@ async def test_policy_export_from_chunks_and_refuses_tampered_weights(tiny_setti
 
 
 def judged(rid: str, version: int, reward: float) -> JudgedRollout:
-    return JudgedRollout(
-        rollout=make_rollout(rollout_id=rid, policy_version=version),
-        constitution_id="c",
-        constitution_version=1,
-        judge_model="m",
-        scores={"harmless": reward},
-        reward=reward,
-        judge_latency_s=0.0,
-        judge_id="j",
-    )
+    return make_judged(make_rollout(rollout_id=rid, policy_version=version), {"harmless": reward})
 
 
 async def test_lineage_links_steps_rewards_and_generated_rollouts(tiny_settings: Settings) -> None:
@@ -143,15 +134,12 @@ async def test_rejudge_and_audit_verify_through_triton(tiny_settings: Settings, 
         honest = [await judge.judge(make_rollout(rollout_id=f"r{i}", completion=t), "j") for i, t in enumerate(texts)]
     finally:
         await judge.close()
-    forged = JudgedRollout(
-        rollout=make_rollout(rollout_id="forged", completion="Hello."),
+    forged = make_judged(
+        make_rollout(rollout_id="forged", completion="Hello."),
+        {p: 1.0 for p in honest[0].scores},
         constitution_id=current.constitution_id,
         constitution_version=current.version,
         judge_model=s.judge_model,
-        scores={p: 1.0 for p in honest[0].scores},
-        reward=1.0,
-        judge_latency_s=0.0,
-        judge_id="j",
     )
     foreign = judged("foreign", 0, 0.5)  # judged under another constitution
     async with Publisher(s.kafka) as pub:

@@ -29,6 +29,7 @@ from services._dashboard import Dashboard
 from services._proc import die_with_parent
 from services._settings import Settings
 from streams import Publisher, ensure_topics
+from tests.factories import make_judged, make_rollout
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_FLAGS = [
@@ -46,34 +47,23 @@ CHROMIUM_FLAGS = [
 
 
 def rollout(i: int, group: str, version: int, generator: str = "gen-a", split: str = "train") -> Rollout:
-    return Rollout(
+    return make_rollout(
         rollout_id=f"r{i}",
         group_id=group,
-        group_size=2,
         prompt_id=f"p-{group}",
         prompt=f"prompt {group}",
         completion=f"<completion {i}>",
-        prompt_token_ids=[1, 2],
         completion_token_ids=[3],
         behaviour_logprobs=[-0.5],
         policy_version=version,
         generator_id=generator,
         sampling=SamplingParams(),
-        split=split,  # type: ignore[arg-type]
+        split=split,
     )
 
 
 def judged(r: Rollout, helpful: float, harmless: float) -> JudgedRollout:
-    return JudgedRollout(
-        rollout=r,
-        constitution_id="c",
-        constitution_version=1,
-        judge_model="m",
-        scores={"helpful": helpful, "harmless": harmless},
-        reward=(helpful + harmless) / 2,
-        judge_latency_s=0.01,
-        judge_id="judge-0",
-    )
+    return make_judged(r, {"helpful": helpful, "harmless": harmless}, judge_latency_s=0.01, judge_id="judge-0")
 
 
 async def test_state_api_follows_the_topics(tiny_settings: Settings) -> None:

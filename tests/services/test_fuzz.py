@@ -39,7 +39,8 @@ from schemas import (
     SchemaError,
 )
 from streams import ChunkAssembler, decode, decode_any, encode, sha256_hex, split_chunks
-from tests.schemas.test_events import examples, make_rollout
+from tests.factories import make_judged, make_rollout
+from tests.schemas.test_events import examples
 
 settings.register_profile(
     "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
@@ -262,19 +263,7 @@ class _CollectingPublisher:
 
 
 def _valid_judged(i: int) -> bytes:
-    rollout = make_rollout(rollout_id=f"r{i}", group_id=f"g{i // 2}")
-    return encode(
-        JudgedRollout(
-            rollout=rollout,
-            constitution_id="c",
-            constitution_version=1,
-            judge_model="m",
-            scores={"a": 0.5},
-            reward=0.5,
-            judge_latency_s=0.0,
-            judge_id="j",
-        )
-    )
+    return encode(make_judged(make_rollout(rollout_id=f"r{i}", group_id=f"g{i // 2}"), {"a": 0.5}))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from schemas import DeadLetter, JudgedRollout, SamplingParams
 from services._data import load_constitution
 from services._settings import Settings
 from streams import Publisher, decode, ensure_topics
-from tests.schemas.test_events import make_rollout
+from tests.factories import make_rollout
 from tests.services.helpers import collect
 
 pytestmark = pytest.mark.slow

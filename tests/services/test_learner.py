@@ -13,6 +13,7 @@ from services._learner import Learner
 from services._policy import build_policy, load_weights_blob
 from services._settings import Settings
 from streams import Publisher, decode, decode_any, ensure_topics
+from tests.factories import make_judged
 from tests.services.helpers import collect
 
 
@@ -23,18 +24,7 @@ def judged_groups(settings: Settings, n_groups: int) -> list[JudgedRollout]:
         group = gen.generate(PromptTask(prompt_id=f"p{i}", text=f"Tell me about topic {i}."))
         for rank, r in enumerate(group):
             reward = rank / (len(group) - 1)  # any signal with spread inside a group
-            out.append(
-                JudgedRollout(
-                    rollout=r,
-                    constitution_id="c",
-                    constitution_version=1,
-                    judge_model="m",
-                    scores={"a": reward},
-                    reward=reward,
-                    judge_latency_s=0.0,
-                    judge_id="j",
-                )
-            )
+            out.append(make_judged(r, {"a": reward}))
     return out
 
 
@@ -104,10 +94,7 @@ def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings) -
     learner = Learner(s)
     events = judged_groups(s, 1)
     rewards = [1.0] + [0.0] * (len(events) - 1)
-    events = [
-        JudgedRollout(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "reward": r})
-        for e, r in zip(events, rewards, strict=True)
-    ]
+    events = [make_judged(e.rollout, e.scores, reward=r) for e, r in zip(events, rewards, strict=True)]
     best: Rollout = events[0].rollout
     seq = [(best.prompt_token_ids, best.completion_token_ids)]
     with torch.no_grad():

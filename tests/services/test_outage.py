@@ -30,7 +30,7 @@ from services._data import load_constitution
 from services._proc import free_port, port_open
 from services._settings import Settings
 from streams import Publisher, decode, decode_any, ensure_topics, read_from_start
-from tests.schemas.test_events import make_rollout
+from tests.factories import make_rollout
 
 pytestmark = pytest.mark.slow
 

@@ -30,22 +30,8 @@ from schemas import (
 from services._settings import Settings
 from streams import MAX_EVENT_BYTES, KafkaConfig, Publisher, decode, encode, ensure_topics
 from streams._dlq import MAX_DEAD_LETTER_PAYLOAD
-from tests.schemas.test_events import make_rollout
+from tests.factories import make_judged, make_rollout
 from tests.services.helpers import collect, stop_task
-
-
-def judged(rollout: Rollout, scores: dict[str, float] | None = None) -> JudgedRollout:
-    scores = scores if scores is not None else {"helpful": 0.5}
-    return JudgedRollout(
-        rollout=rollout,
-        constitution_id="c",
-        constitution_version=1,
-        judge_model="m",
-        scores=scores,
-        reward=sum(scores.values()) / len(scores),
-        judge_latency_s=0.0,
-        judge_id="j",
-    )
 
 
 def poison(valid: bytes, extra: dict[str, bytes] | None = None) -> dict[str, bytes | None]:
@@ -132,7 +118,7 @@ async def test_learner_dead_letters_poison_and_trains_on(kafka: KafkaConfig, tmp
         for i in range(s.group_size)
     ]
     # an unknown principle id, or a missing one, is not poison: the learner trains on any valid reward
-    good = [judged(group[0], {"not_in_any_constitution": 0.9})] + [judged(r) for r in group[1:]]
+    good = [make_judged(group[0], {"not_in_any_constitution": 0.9})] + [make_judged(r) for r in group[1:]]
     items = learner_poison(good[1])
     await publish_poison(kafka, s.topics.rewards, items)
     async with Publisher(kafka) as pub:

@@ -19,19 +19,15 @@ from services._consumers import MetricsConsumer, available, load, run_consumer
 from services._replay import ReplayFilter, collect, from_line, replay
 from services._settings import Settings
 from streams import Publisher, encode, ensure_topics, make_producer
-from tests.schemas.test_events import make_rollout
+from tests.factories import make_judged, make_rollout
 
 
 def judged(rollout_id: str, version: int, reward: float) -> JudgedRollout:
-    return JudgedRollout(
-        rollout=make_rollout(rollout_id=rollout_id, policy_version=version),
-        constitution_id="c",
-        constitution_version=1,
-        judge_model="m",
-        scores={"harmless": reward, "honest": 1 - reward},
+    return make_judged(
+        make_rollout(rollout_id=rollout_id, policy_version=version),
+        {"harmless": reward, "honest": 1 - reward},
         reward=reward,
         judge_latency_s=0.01,
-        judge_id="j",
     )
 
 
