@@ -1,12 +1,13 @@
 """Weights suite: a learner publishes new weights; how long until every generator serves them?
 
-The project path is the real one: ``Learner.publish_policy`` (weights written once, durably, into the policy
-store; the checkpoint with the AdamW state, offsets and ledger refers to that file; then PolicyUpdate +
-PolicyChunks on the policy topic, or a URI above the inline limit) and two in-process
+The project path is the real one: ``Learner.publish_policy`` after a real AdamW step (weights written once,
+durably, into the policy store; PolicyUpdate + PolicyChunks on the policy topic, or a URI above the inline
+limit; then the checkpoint with the AdamW state, which refers to that file) and two in-process
 :class:`~services._generator.Generator` objects running ``follow_policy`` (assemble, verify, ``_stage``) and
 ``_swap_if_staged``. The baseline does the same work with a shared disk as the transport: serialize, write +
-fsync, then per generator read + parse/validate (``load_weights_blob``) + ``apply_weights``. The ratio is
-bus / disk for the same bytes and the same number of readers; full weights and the LoRA adapter both run.
+fsync, then per generator read + parse/validate (``load_weights_blob``) + ``apply_weights``. Every round
+pushes over the bus and then runs the baseline on the same bytes, so the two are measured side by side; the
+ratio is bus / disk for the same bytes and the same number of readers, for full weights and the LoRA adapter.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scale: float =
     optimizer.zero_grad(set_to_none=True)
 
 
-async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list[float], list[float], str]:
+async def _rounds(settings: Settings, model: Any, readers: list[Any], rounds: int, root: Path) -> dict[str, Any]:
+    """Round by round, side by side: a push over the bus, then the disk transport with the same bytes."""
     shell = _publisher_shell(settings, model)
     await ensure_topics(settings.kafka, settings.topics.specs())
     await shell.publisher.start()
@@ -78,8 +80,8 @@ async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list
 
     tasks = [asyncio.create_task(g.follow_policy()) for g in gens]
     tasks += [asyncio.create_task(serve(i, g)) for i, g in enumerate(gens)]
-    all_done: list[float] = []
-    first_done: list[float] = []
+    out: dict[str, Any] = {k: [] for k in ("bus_all_swapped_s", "bus_first_swapped_s", "disk_all_applied_s")}
+    out["disk_io_only_s"] = []
     try:
         for version in range(1, rounds + 1):
             _optimizer_step(model, shell.optimizer)
@@ -94,8 +96,11 @@ async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list
                     raise TimeoutError(f"generators did not swap to v{version} within 300 s")
                 await asyncio.sleep(0.001)
             times = [swapped_at[(i, version)] - started for i in range(N_GENERATORS)]
-            all_done.append(max(times))
-            first_done.append(min(times))
+            out["bus_all_swapped_s"].append(max(times))
+            out["bus_first_swapped_s"].append(min(times))
+            disk_all, disk_io = await asyncio.to_thread(_disk_round, settings, model, readers, version, root)
+            out["disk_all_applied_s"].append(disk_all)
+            out["disk_io_only_s"].append(disk_io)
     finally:
         stop.set()
         for t in tasks:
@@ -105,34 +110,30 @@ async def _bus_rounds(settings: Settings, model: Any, rounds: int) -> tuple[list
                 await t
         await shell.publisher.stop()
     size = len(serialize_weights(model, settings.lora))
-    return all_done, first_done, "chunks" if size <= INLINE_MAX_BYTES else "uri"
+    out["transport"] = "chunks" if size <= INLINE_MAX_BYTES else "uri"
+    return out
 
 
-def _disk_rounds(
-    settings: Settings, model: Any, readers: list[Any], rounds: int, root: Path
-) -> tuple[list[float], list[float]]:
-    full, io_only = [], []
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for version in range(1, rounds + 1):
-        _optimizer_step(model, optimizer)
-        started = time.perf_counter()
-        blob = serialize_weights(model, settings.lora, metadata={"policy_version": str(version)})
-        path = root / f"disk-v{version}.safetensors"
-        io_started = time.perf_counter()
-        with open(path, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        io_s = time.perf_counter() - io_started
-        for reader in readers:
-            read_started = time.perf_counter()
-            data = path.read_bytes()
-            io_s += time.perf_counter() - read_started
-            apply_weights(reader, load_weights_blob(data, reader, settings.lora), settings.lora)
-        full.append(time.perf_counter() - started)
-        io_only.append(io_s)
-        path.unlink()
-    return full, io_only
+def _disk_round(settings: Settings, model: Any, readers: list[Any], version: int, root: Path) -> tuple[float, float]:
+    """The baseline for the version just pushed (same bytes): serialize, write + fsync, then per reader read +
+    validate + apply. Returns (all of it, only the write + fsync + reads)."""
+    started = time.perf_counter()
+    blob = serialize_weights(model, settings.lora, metadata={"policy_version": str(version)})
+    path = root / f"disk-v{version}.safetensors"
+    io_started = time.perf_counter()
+    with open(path, "wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+    io_s = time.perf_counter() - io_started
+    for reader in readers:
+        read_started = time.perf_counter()
+        data = path.read_bytes()
+        io_s += time.perf_counter() - read_started
+        apply_weights(reader, load_weights_blob(data, reader, settings.lora), settings.lora)
+    full = time.perf_counter() - started
+    path.unlink()
+    return full, io_s
 
 
 async def _one_mode(report: Report, base: Settings, *, lora: bool, rounds: int, broker: EmbeddedBroker) -> int:
@@ -141,14 +142,15 @@ async def _one_mode(report: Report, base: Settings, *, lora: bool, rounds: int, 
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
         settings = base.model_copy(update={"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run"})
         model, _ = build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)
-        bus_all, bus_first, transport = await _bus_rounds(settings, model, rounds)
         readers = [
             build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)[0]
             for _ in range(N_GENERATORS)
         ]
-        disk_full, disk_io = await asyncio.to_thread(_disk_rounds, settings, model, readers, rounds, Path(tmp))
+        timings = await _rounds(settings, model, readers, rounds, Path(tmp))
         size = len(serialize_weights(model, lora))
-    bus_med, disk_med = statistics.median(bus_all), statistics.median(disk_full)
+    transport = timings.pop("transport")
+    bus_med = statistics.median(timings["bus_all_swapped_s"])
+    disk_med = statistics.median(timings["disk_all_applied_s"])
     report.add(
         Row(
             f"{label}: publish -> all {N_GENERATORS} generators swapped",
@@ -163,7 +165,7 @@ async def _one_mode(report: Report, base: Settings, *, lora: bool, rounds: int, 
         Row(
             f"{label}: bus vs raw disk I/O only",
             bus_med * 1000,
-            statistics.median(disk_io) * 1000,
+            statistics.median(timings["disk_io_only_s"]) * 1000,
             "ms",
             ratio_meaning="bus end-to-end / (write+fsync+2 reads)",
             note="how much of the push is transport+parsing vs bare bytes on disk",
@@ -172,10 +174,10 @@ async def _one_mode(report: Report, base: Settings, *, lora: bool, rounds: int, 
     report.details[label] = {
         "payload_bytes": size,
         "transport": transport,
-        "bus_all_swapped_s": bus_all,
-        "bus_first_swapped_s": bus_first,
-        "disk_all_applied_s": disk_full,
-        "disk_io_only_s": disk_io,
+        **timings,
+        "bus_over_io_by_round": [
+            b / d for b, d in zip(timings["bus_all_swapped_s"], timings["disk_io_only_s"], strict=True)
+        ],
         "model": settings.student_model,
         "lora_rank": settings.lora_rank if lora else None,
     }
