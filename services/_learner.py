@@ -334,14 +334,14 @@ class Learner:
         st_.version += 1
         path = self.policy_store / f"v{st_.version:06d}.safetensors"
         # seconds of disk work for full weights: in threads, so the event loop (and the producer) keeps going
-        chunks, digest = await asyncio.to_thread(self._write_policy_file, path, st_.version)
+        chunks, digest, size = await asyncio.to_thread(self._write_policy_file, path, st_.version)
         update = PolicyUpdate(
             policy_version=st_.version,
             learner_step=st_.step,
             base_model=self.s.student_model,
             kind="lora" if self.s.lora else "full",
             sha256=digest,
-            size_bytes=path.stat().st_size,
+            size_bytes=size,
             n_chunks=len(chunks),
             uri=None if chunks else f"file://{path}",
             metrics=step_metrics,
@@ -352,15 +352,16 @@ class Learner:
         # from an older one, but numbers its next version after the newest file in the policy store, so it can
         # never announce a *different* version N (generators ignore versions they have seen).
         await asyncio.to_thread(self.save_checkpoint, path, digest)
-        log.info("policy_published", policy_version=st_.version, bytes=update.size_bytes, chunks=len(chunks))
+        log.info("policy_published", policy_version=st_.version, bytes=size, chunks=len(chunks))
 
-    def _write_policy_file(self, path: Path, version: int) -> tuple[list[PolicyChunk], str]:
-        """Write the weights once, durably; small files also travel inline as chunks."""
+    def _write_policy_file(self, path: Path, version: int) -> tuple[list[PolicyChunk], str, int]:
+        """Write the weights once, durably; small files also travel inline as chunks. -> chunks, sha256, size."""
         write_weights(self.model, self.s.lora, path, metadata={"policy_version": str(version)})
-        if path.stat().st_size <= INLINE_MAX_BYTES:
+        size = path.stat().st_size
+        if size <= INLINE_MAX_BYTES:
             chunks = split_chunks(path.read_bytes(), version)
-            return chunks, chunks[0].sha256
-        return [], file_sha256(path)
+            return chunks, chunks[0].sha256, size
+        return [], file_sha256(path), size
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:

@@ -36,7 +36,7 @@ N_GENERATORS = 2
 
 
 def _publisher_shell(settings: Settings, model: Any) -> Learner:
-    """A Learner with only what ``publish_policy`` touches (it checkpoints before it announces a version, so
+    """A Learner with only what ``publish_policy`` touches (it checkpoints after it announces a version, so
     the optimizer and the checkpoint path too), without the reference model or the consumer."""
     shell = Learner.__new__(Learner)
     shell.s = settings
@@ -52,7 +52,7 @@ def _publisher_shell(settings: Settings, model: Any) -> Learner:
 
 def _optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scale: float = 1e-3) -> None:
     """A real AdamW step on random gradients: every trainable tensor changes (every version is new bytes) and
-    the optimizer holds its moments, which the learner's checkpoint-before-publish writes like in a real run."""
+    the optimizer holds its moments, which the checkpoint after each push writes like in a real run."""
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.randn_like(p) * scale

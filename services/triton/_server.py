@@ -68,8 +68,7 @@ def _startup_watchdog(started: threading.Event, stopping: threading.Event, perio
     server: psutil.Process | None = None
     while not started.wait(period_s):
         if server is None:
-            with contextlib.suppress(psutil.Error):  # a child vanished between listing and naming it
-                server = next((p for p in me.children(recursive=True) if p.name() == "tritonserver"), None)
+            server = find_tritonserver(me)
             continue
         try:
             alive = server.is_running() and server.status() != psutil.STATUS_ZOMBIE
@@ -78,6 +77,15 @@ def _startup_watchdog(started: threading.Event, stopping: threading.Event, perio
         if not alive and not stopping.is_set():
             log.error("tritonserver_died_during_startup", pid=server.pid)
             os._exit(1)  # the main thread is blocked inside PyTriton's wait; nothing else can stop it
+
+
+def find_tritonserver(service: Any) -> Any:
+    """The tritonserver process below ``service`` (a ``psutil.Process``), or None while it is not started."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):  # a child vanished between listing and naming it
+        return next((p for p in service.children(recursive=True) if p.name() == "tritonserver"), None)
+    return None
 
 
 def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:

@@ -29,6 +29,7 @@ from schemas import DeadLetter, JudgedRollout, Rollout, SamplingParams
 from services._data import load_constitution
 from services._proc import free_port, port_open
 from services._settings import Settings
+from services.triton._server import find_tritonserver
 from streams import Publisher, decode, decode_any, ensure_topics, read_from_start
 from tests.factories import make_rollout
 
@@ -240,8 +241,7 @@ def test_tritonserver_killed_during_startup_takes_the_service_down_at_once(tmp_p
     server = None
     deadline = time.monotonic() + 120
     while server is None and time.monotonic() < deadline:
-        with contextlib.suppress(psutil.Error):
-            server = next((p for p in service.children(recursive=True) if p.name() == "tritonserver"), None)
+        server = find_tritonserver(service)
         time.sleep(0.05)
     assert server is not None, (tmp_path / "triton.log").read_text()[-2000:]
     time.sleep(1.0)  # mid start-up, as in the chaos run: the models are still loading
