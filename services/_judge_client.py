@@ -1,8 +1,9 @@
 """Scoring a rollout against a constitution through Triton (tritonclient, asyncio gRPC).
 
 Each principle becomes one row: ``llm`` principles send the rendered judge question to ``judge_llm``,
-``classifier`` principles send the completion to their classifier model. Rows of one rollout go out in one
-request; Triton's dynamic batcher merges concurrent requests. Failures are retried with backoff and jitter; a
+``classifier`` principles send the completion to their classifier model, ``head`` principles send
+(head, prompt, completion) to ``principle_heads``. Rows of one rollout go out in one request per model, all at
+once; Triton's dynamic batcher merges concurrent requests. Failures are retried with backoff and jitter; a
 rollout that still cannot be scored raises :class:`JudgeError` — it is never given a default reward.
 """
 
@@ -26,6 +27,7 @@ from schemas import (
     Principle,
     Rollout,
     aggregate_reward,
+    render_head_row,
     render_judge_question,
 )
 from services._settings import Settings
@@ -33,6 +35,7 @@ from services._settings import Settings
 log = structlog.get_logger(__name__)
 
 JUDGE_MODEL = "judge_llm"
+HEADS_MODEL = "principle_heads"
 
 
 @dataclass
@@ -130,25 +133,30 @@ class TritonJudge:
 
     async def score(self, rollout: Rollout) -> dict[str, float]:
         questions: list[tuple[str, str]] = []
+        head_rows: list[tuple[str, str]] = []
         by_classifier: dict[str, list[str]] = {}
         for p in self.constitution.principles:
             if p.scorer == "llm":
                 questions.append((p.id, render_judge_question(p, rollout.prompt, rollout.completion)))
+            elif p.scorer == "head":
+                head_rows.append((p.id, render_head_row(p, rollout.prompt, rollout.completion)))
             else:
                 by_classifier.setdefault(str(p.classifier), []).append(p.id)
-        scores: dict[str, float] = {}
         calls = []
         if questions:
             calls.append(self._infer(JUDGE_MODEL, [q for _, q in questions], "p_yes"))
+        if head_rows:
+            calls.append(self._infer(HEADS_MODEL, [r for _, r in head_rows], "p_consistent"))
         for classifier in by_classifier:
             calls.append(self._infer(classifier, [rollout.completion], "p_toxic"))
-        results = await asyncio.gather(*calls)
-        if questions:
-            scores.update({pid: float(s) for (pid, _), s in zip(questions, results[0], strict=True)})
-        for i, (classifier, pids) in enumerate(by_classifier.items()):
-            p_bad = float(results[i + (1 if questions else 0)][0])
+        results = iter(await asyncio.gather(*calls))
+        scores: dict[str, float] = {}
+        for rows in (questions, head_rows):
+            if rows:
+                scores.update({pid: float(s) for (pid, _), s in zip(rows, next(results), strict=True)})
+        for pids in by_classifier.values():
+            p_bad = float(next(results)[0])
             scores.update({pid: 1.0 - p_bad for pid in pids})
-            del classifier
         return scores
 
     async def score_principle(
@@ -160,6 +168,9 @@ class TritonJudge:
             with attempt:
                 if principle.scorer == "classifier":
                     return 1.0 - float((await self._infer(str(principle.classifier), [response], "p_toxic"))[0])
+                if principle.scorer == "head":
+                    row = render_head_row(principle, prompt, response)
+                    return float((await self._infer(HEADS_MODEL, [row], "p_consistent"))[0])
                 question = render_judge_question(principle, prompt, response)
                 return float((await self._infer(JUDGE_MODEL, [question], "p_yes"))[0])
         raise JudgeUnavailable(f"no answer for principle {principle.id} within {retry_for_s}s")

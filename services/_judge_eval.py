@@ -132,6 +132,7 @@ async def judge_eval(settings: Settings, data: Path, triton_url: str | None) -> 
         "reward_gap": reward_gap(per_principle, {p.id: p.weight for p in constitution.principles}),
         "judge_model": settings.judge_model,
         "judge_render": settings.judge_render,
+        "scorers": {p.id: p.scorer for p in constitution.principles},
         "constitution_id": constitution.constitution_id,
         "data": str(data),
     }

@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "group_size": 4,
         "groups_per_step": 2,
         "max_new_tokens": 40,
-        "learning_rate": 2e-4,
+        "learning_rate": 5e-4,
         "push_every": 1,
         "lora": True,
         "eval_every": 5,
@@ -79,6 +79,7 @@ class Settings(BaseSettings):
 
     constitution: Path = Path(str(_DATA / "constitution.yaml"))
     prompts: Path = Path(str(_DATA / "prompts.jsonl"))
+    heads_data: Path | None = None  # labelled set the principle heads are trained on; None = the shipped one
 
     service_id: str = ""
     torch_threads: int = Field(default=1, ge=1)

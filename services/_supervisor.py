@@ -169,15 +169,22 @@ def launch_triton(settings: Settings, sup: Supervisor, logs: Path, timeout_s: fl
     settings.triton_url = f"127.0.0.1:{settings.triton_grpc_port}"
     env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
     triton = sup.add(Child("triton", _service_argv("triton"), env, logs / "triton.log"))
-    models = ["judge_llm", *(["toxicity"] if uses_toxicity(settings) else [])]
+    models = triton_models(settings)
     _wait_triton(settings.triton_http_port, models, timeout_s, triton)
     return models
 
 
-def uses_toxicity(settings: Settings) -> bool:
+def triton_models(settings: Settings) -> list[str]:
+    """The Triton models the constitution needs: the judge LM always, the toxicity classifier and the principle
+    heads when some principle is scored by them."""
     from services._data import load_constitution
 
-    return any(p.scorer == "classifier" for p in load_constitution(settings.constitution).principles)
+    scorers = {p.scorer for p in load_constitution(settings.constitution).principles}
+    return [
+        "judge_llm",
+        *(["toxicity"] if "classifier" in scorers else []),
+        *(["principle_heads"] if "head" in scorers else []),
+    ]
 
 
 def refuse_stale_run_dir(run_dir: Path) -> None:

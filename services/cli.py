@@ -90,12 +90,12 @@ def broker(port: int = 9092, host: str = "127.0.0.1") -> None:
 @app.command()
 def triton() -> None:
     """Serve the judge models with the embedded Triton server."""
-    from services._supervisor import uses_toxicity
+    from services._supervisor import triton_models
     from services.triton import serve
 
     settings = _settings()
     configure_logging("triton")
-    serve(settings, with_toxicity=uses_toxicity(settings))
+    serve(settings, models=triton_models(settings))
 
 
 @app.command()
@@ -159,6 +159,21 @@ def judge_eval_cmd(
             indent=2,
         )
     )
+
+
+@app.command("judge-train")
+def judge_train_cmd(
+    data: Annotated[Path | None, typer.Option(help="JSONL: principle_id, prompt, response, label (1/0)")] = None,
+) -> None:
+    """Train the principle heads (``scorer: head``) on a labelled set; print each head's cross-validated AUC.
+    Triton trains them on first start too; this is for a new training set, ahead of time."""
+    from services.triton._heads import default_training_data, ensure_heads, load_heads
+
+    configure_logging("judge-train")
+    settings = _settings(heads_data=data)
+    path = ensure_heads(settings.cache_dir, settings.heads_data or default_training_data())
+    heads = load_heads(path)
+    print(json.dumps({"heads": str(path)} | {n: {"cv_auc": round(h.cv_auc, 3), "n": h.n} for n, h in heads.items()}))
 
 
 def _register_extensions() -> None:

@@ -109,7 +109,7 @@ def _threads(device: str, cpu_threads: int | None) -> Iterator[None]:
 
 
 def judge_questions(constitution: Constitution, shape: Shape) -> list[str]:
-    llm = [p for p in constitution.principles if p.scorer == "llm"]
+    llm = [p for p in constitution.principles if p.scorer != "classifier"]  # every principle an LM can judge
     rollouts = [
         realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
         for i in range(shape.judge_rollouts)

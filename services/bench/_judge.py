@@ -165,7 +165,7 @@ async def run_judge(report: Report, *, quick: bool, device: str = "cpu") -> None
     duration_s = 5.0 if quick else 15.0
     settings = Settings(profile=profile)
     constitution = load_constitution(settings.constitution)
-    llm = [p for p in constitution.principles if p.scorer == "llm"]
+    llm = [p for p in constitution.principles if p.scorer != "classifier"]  # every principle an LM can judge
     requests = []
     for i in range(64):
         r = realistic_rollout(seq=i, group_size=settings.group_size)  # G completions per prompt, as published

@@ -1,8 +1,9 @@
 """The embedded Triton Inference Server: the real tritonserver from the ``nvidia-pytriton`` wheel, on CPU.
 
-Serves ``judge_llm`` (P(yes) per judge question) and, when the constitution uses it, ``toxicity``
-(P(toxic) per text), both with dynamic batching. Production runs NGC Triton on GPUs with the model repository
-under ``infra/triton``; clients cannot tell the difference.
+Serves ``judge_llm`` (P(yes) per judge question) and, when the constitution uses them, ``toxicity``
+(P(toxic) per text) and ``principle_heads`` (P(consistent) per head row), all with dynamic batching.
+Production runs NGC Triton on GPUs with the model repository under ``infra/triton``; clients cannot tell the
+difference.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 JUDGE_MODEL = "judge_llm"
 TOXICITY_MODEL = "toxicity"
+HEADS_MODEL = "principle_heads"
 MAX_BATCH = 64
 
 
@@ -88,7 +90,9 @@ def find_tritonserver(service: Any) -> Any:
     return None
 
 
-def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Callable[..., Any], str]]:
+def build_scorers(settings: Settings, models: Collection[str]) -> dict[str, tuple[Callable[..., Any], str]]:
+    """The served functions by model name: ``judge_llm`` always, plus whichever of ``toxicity`` and
+    ``principle_heads`` are in ``models``."""
     torch.set_num_threads(settings.triton_threads)
     judge = LlmJudge.from_pretrained(
         prepare_model(settings.judge_model, settings.cache_dir),
@@ -97,21 +101,26 @@ def build_scorers(settings: Settings, with_toxicity: bool) -> dict[str, tuple[Ca
         share_prefixes=settings.judge_share_prefixes,
     )
     scorers: dict[str, tuple[Callable[..., Any], str]] = {JUDGE_MODEL: (_text_model(judge.score, "p_yes"), "p_yes")}
-    if with_toxicity:
+    if TOXICITY_MODEL in models:
         from services.triton._toxicity import ToxicityClassifier
 
         clf = ToxicityClassifier()
         scorers[TOXICITY_MODEL] = (_text_model(clf.p_toxic, "p_toxic"), "p_toxic")
+    if HEADS_MODEL in models:
+        from services.triton._heads import OUTPUT, PrincipleHeads
+
+        heads = PrincipleHeads.from_cache(settings.cache_dir, device=settings.device, data=settings.heads_data)
+        scorers[HEADS_MODEL] = (_text_model(heads.score, OUTPUT), OUTPUT)
     return scorers
 
 
-def serve(settings: Settings, *, with_toxicity: bool, ready: threading.Event | None = None) -> None:
+def serve(settings: Settings, *, models: Collection[str], ready: threading.Event | None = None) -> None:
     """Run Triton until SIGTERM/SIGINT."""
     _fix_library_path()
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    scorers = build_scorers(settings, with_toxicity)
+    scorers = build_scorers(settings, models)
     # PyTriton puts zmq IPC sockets in the workspace; their paths must stay under 107 bytes, so the
     # workspace lives in a short temporary directory rather than under a possibly deep run dir.
     scratch = Path(tempfile.mkdtemp(prefix="rlaif-triton-"))

@@ -32,7 +32,7 @@ import yaml
 
 from services._metrics import METRIC_NAMES
 from services._settings import Settings
-from services.triton._server import JUDGE_MODEL, MAX_BATCH, TOXICITY_MODEL
+from services.triton._server import HEADS_MODEL, JUDGE_MODEL, MAX_BATCH, TOXICITY_MODEL
 from streams import KafkaConfig, Topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CACHE = ROOT / ".cache" / "rlaif"
 
 # What services/_judge_client.py asks each Triton model for (the embedded server binds the same names).
-MODEL_OUTPUTS = {JUDGE_MODEL: "p_yes", TOXICITY_MODEL: "p_toxic"}
+MODEL_OUTPUTS = {JUDGE_MODEL: "p_yes", TOXICITY_MODEL: "p_toxic", HEADS_MODEL: "p_consistent"}
 RLAIF_SERVICES = {"learner", "judge", "generator", "feeder"}
 K8S_KINDS = {
     "Namespace",
@@ -539,7 +539,7 @@ def test_constitution_config_map_is_a_valid_constitution(tmp_path: Path) -> None
     path = tmp_path / "constitution.yaml"
     path.write_text(_one("ConfigMap", "rlaif-constitution")["data"]["constitution.yaml"])
     constitution = load_constitution(path)
-    assert constitution.principles
+    assert constitution == load_constitution()  # the default one, services/data/constitution.yaml
     judge = _deployment_for("judge")
     env = {e["name"]: e.get("value") for e in _containers(judge)[0]["env"]}
     mounts = {m["name"]: m["mountPath"] for m in _containers(judge)[0]["volumeMounts"]}
@@ -579,13 +579,19 @@ def test_config_pbtxt_matches_the_embedded_server(model: str) -> None:
     assert "MODEL_DIR" in config.parameters
 
 
-@pytest.mark.parametrize(("model", "import_name"), [(JUDGE_MODEL, "LlmJudge"), (TOXICITY_MODEL, "ToxicityClassifier")])
-def test_model_py_is_a_thin_wrapper_of_the_embedded_scorers(model: str, import_name: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "module", "import_name"),
+    [
+        (JUDGE_MODEL, "services.triton._scorers", "LlmJudge"),
+        (TOXICITY_MODEL, "services.triton._toxicity", "ToxicityClassifier"),
+        (HEADS_MODEL, "services.triton._heads", "PrincipleHeads"),
+    ],
+)
+def test_model_py_is_a_thin_wrapper_of_the_embedded_scorers(model: str, module: str, import_name: str) -> None:
     tree = ast.parse((MODEL_REPOSITORY / model / "1" / "model.py").read_text())
     imported = {
         (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
     }
-    module = "services.triton._scorers" if model == JUDGE_MODEL else "services.triton._toxicity"
     assert (module, import_name) in imported
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TritonPythonModel"]
     assert {"initialize", "execute"} <= {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
@@ -676,6 +682,16 @@ TEXTS = [
     "Is the response free of insults? Response: you are an idiot",
     "Is the response on topic? Response: Paris is the capital of France. 🇫🇷",
 ]
+# principle_heads reads JSON rows (schemas.render_head_row); the last names no trained head and must score NaN
+HEAD_ROWS = [
+    json.dumps({"head": "helpful", "prompt": "What is the capital of France?", "response": "Paris. 🇫🇷"}),
+    json.dumps({"head": "concise", "prompt": "Name a prime.", "response": "7, and also let me tell you about my cat."}),
+    json.dumps({"head": "nobody", "prompt": "Hi", "response": "Hello"}),
+]
+
+
+def _rows(model: str) -> list[str]:
+    return HEAD_ROWS if model == HEADS_MODEL else TEXTS
 
 
 @pytest.fixture
@@ -729,12 +745,25 @@ def test_toxicity_model_py_scores_like_the_classifier(pb_utils: types.ModuleType
     assert got[1, 0] > got[0, 0]
 
 
+@pytest.mark.usefixtures("tiny_env")
+def test_heads_model_py_scores_like_principle_heads(pb_utils: types.ModuleType) -> None:
+    from services.triton._heads import PrincipleHeads
+
+    model = _initialize(HEADS_MODEL, _load_model_py(HEADS_MODEL))
+    responses = model.execute([_request(pb_utils, HEAD_ROWS[:1]), _request(pb_utils, HEAD_ROWS[1:])])
+    got = np.concatenate([r.output_tensors[0].as_numpy() for r in responses])
+    assert [r.output_tensors[0].name() for r in responses] == ["p_consistent", "p_consistent"]
+    expected = PrincipleHeads.from_cache(CACHE).score(HEAD_ROWS)
+    np.testing.assert_allclose(got[:, 0], expected, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got[:2, 0]).all() and np.isnan(got[2, 0])
+
+
 def test_embedded_server_binds_the_same_models_and_outputs(tiny_env: None) -> None:
     if importlib.util.find_spec("toxic_classifier") is None:
         pytest.skip("toxic-comment-classifier is not installed")
     from services.triton._server import build_scorers
 
-    scorers = build_scorers(Settings(), with_toxicity=True)
+    scorers = build_scorers(Settings(), models=[TOXICITY_MODEL, HEADS_MODEL])
     assert {name: output for name, (_, output) in scorers.items()} == MODEL_OUTPUTS
 
 
@@ -833,15 +862,16 @@ def test_model_repository_serves_on_tritonserver(repository_server: tuple[str, s
     import tritonclient.grpc as grpcclient
 
     from services._models import prepare_model
+    from services.triton._heads import PrincipleHeads
     from services.triton._scorers import LlmJudge
     from services.triton._toxicity import ToxicityClassifier
 
     grpc_url, metrics_url = repository_server
     client = grpcclient.InferenceServerClient(grpc_url)
     try:
-        data = np.array([[t.encode("utf-8")] for t in TEXTS], dtype=np.object_)
         results = {}
         for model, output in MODEL_OUTPUTS.items():
+            data = np.array([[t.encode("utf-8")] for t in _rows(model)], dtype=np.object_)
             tensor = grpcclient.InferInput("text", list(data.shape), "BYTES")
             tensor.set_data_from_numpy(data)
             reply = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(output)])
@@ -852,6 +882,8 @@ def test_model_repository_serves_on_tritonserver(repository_server: tuple[str, s
     judge = LlmJudge.from_pretrained(prepare_model(Settings().judge_model, CACHE))
     np.testing.assert_allclose(results[JUDGE_MODEL], judge.score(TEXTS), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(results[TOXICITY_MODEL], ToxicityClassifier().p_toxic(TEXTS), rtol=1e-5, atol=1e-6)
+    expected_heads = PrincipleHeads.from_cache(CACHE).score(HEAD_ROWS)
+    np.testing.assert_allclose(results[HEADS_MODEL], expected_heads, rtol=1e-5, atol=1e-6)
     text = urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10).read().decode()
     assert "nv_inference_request_success" in text
     # The production image swaps in this same stub, so its NGC release must be this tritonserver's:

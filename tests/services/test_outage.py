@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE_S = float(os.environ.get("RLAIF_OUTAGE_S", "10"))
-MODELS = ("judge_llm", "toxicity")  # the tiny profile's constitution uses both
+MODELS = ("judge_llm", "toxicity", "principle_heads")  # what the tiny profile serves
 
 
 class TritonProc:

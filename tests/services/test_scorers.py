@@ -19,7 +19,7 @@ def _questions() -> tuple[list[str], list[tuple[str, int]]]:
     """The judge questions about 2 prompts x 2 completions each (as a generator group publishes them), one
     per llm principle, plus one unrelated row; and (principle, prompt) for each question."""
     constitution = load_constitution(Settings().constitution)
-    llm = [p for p in constitution.principles if p.scorer == "llm"]
+    llm = [p for p in constitution.principles if p.scorer != "classifier"]  # every principle an LM can judge
     rollouts = [realistic_rollout(prompt_tokens=40, completion_tokens=20, seq=i, group_size=2) for i in range(4)]
     questions = [render_judge_question(p, r.prompt, r.completion) for r in rollouts for p in llm]
     about = [(p.id, i // 2) for i in range(len(rollouts)) for p in llm]

