@@ -35,6 +35,34 @@ def run_until_signalled(make: Callable[[], Stoppable]) -> None:
     asyncio.run(main())
 
 
+class StopRequest:
+    """Set by SIGTERM/SIGINT; polled by a service whose main thread blocks (``rlaif broker``, ``rlaif triton``).
+
+    The handler only assigns a bool. A Python signal handler runs in the main thread between two bytecodes,
+    possibly while that thread is inside ``threading.Event.set`` or ``wait`` on the very Event the handler
+    would set, and the Event's lock is not reentrant: ``rlaif triton`` hung for good that way after two
+    SIGTERMs arrived during its shutdown (py-spy: three nested ``Event.set`` frames).
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.requested = False
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, returning early once a stop is requested; True if one was."""
+        deadline = time.monotonic() + timeout_s
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.05, left))
+        return self.requested
+
+
 def default_service_id(kind: str) -> str:
     """Unique across containers and processes (ports are not: each container has its own port space)."""
     return f"{kind}-{socket.gethostname()}-{os.getpid()}"

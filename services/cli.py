@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 import tempfile
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,11 +73,10 @@ def up(
 def broker(port: int = 9092, host: str = "127.0.0.1") -> None:
     """Run the embedded Tansu broker in the foreground."""
     from services._broker import EmbeddedBroker
+    from services._proc import StopRequest
 
     configure_logging("broker")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
     with EmbeddedBroker(host=host, port=port) as b:
         print(f"bootstrap: {b.bootstrap}", flush=True)
         while not stop.wait(0.5):

@@ -63,6 +63,9 @@ def triton_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     import tritonclient.http as httpclient
 
+    from services._supervisor import triton_models
+
+    models = triton_models(Settings(profile="tiny"))  # heads may still be training when judge_llm is up
     client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
     deadline = time.monotonic() + 240
     try:
@@ -70,7 +73,7 @@ def triton_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None:
                 raise RuntimeError(f"triton exited: {(run_dir / 'triton.log').read_text()[-3000:]}")
             try:
-                if port_open("127.0.0.1", http) and client.is_model_ready("judge_llm"):
+                if port_open("127.0.0.1", http) and all(map(client.is_model_ready, models)):
                     break
             except Exception:
                 pass

@@ -192,8 +192,12 @@ def fit_head(x: NDArray[np.float64], y: NDArray[np.int64], prompts: Sequence[str
 
 
 def _features(encoder: SentenceEncoder, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
-    prompts = encoder.embed([p for p, _ in pairs])
-    responses = encoder.embed([r for _, r in pairs])
+    # Every text once: the rows of one rollout (one per head principle) share its prompt and response, and the
+    # G completions of a group share the prompt. Sorted by length, so a batch pads little.
+    texts = sorted({t for pair in pairs for t in pair}, key=len)
+    embedded = dict(zip(texts, encoder.embed(texts), strict=True))
+    prompts = np.stack([embedded[p] for p, _ in pairs]) if pairs else np.empty((0, 384), dtype=np.float32)
+    responses = np.stack([embedded[r] for _, r in pairs]) if pairs else np.empty((0, 384), dtype=np.float32)
     return pair_features(prompts, responses, [word_count(r) for _, r in pairs])
 
 
@@ -242,7 +246,8 @@ def default_training_data() -> Path:
 
 
 def heads_path(cache_dir: Path, data: Path) -> Path:
-    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    """Keyed by the training data and the feature recipe: a change to either trains new heads."""
+    digest = hashlib.sha256(data.read_bytes() + f"\n{ENCODER}\n{FEATURES}".encode()).hexdigest()
     return (cache_dir / "models" / "principle-heads" / f"{digest[:16]}.safetensors").resolve()
 
 

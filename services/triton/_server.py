@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import sysconfig
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from numpy.typing import NDArray
 
 from schemas import ServiceError
 from services._models import prepare_model
+from services._proc import StopRequest
 from services._settings import Settings
 from services.triton._scorers import LlmJudge
 
@@ -56,7 +56,7 @@ def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> 
     return batched
 
 
-def _startup_watchdog(started: threading.Event, stopping: threading.Event, period_s: float = 0.1) -> None:
+def _startup_watchdog(started: threading.Event, stopping: StopRequest, period_s: float = 0.1) -> None:
     """Exit at once if tritonserver dies before the server is up.
 
     PyTriton waits up to 120 s for a server that is already dead (a chaos run killed tritonserver during its
@@ -135,9 +135,7 @@ def serve(settings: Settings, *, models: Collection[str], ready: threading.Event
         log_verbose=0,
         exit_on_error=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
     started = threading.Event()
     watchdog = threading.Thread(target=_startup_watchdog, args=(started, stop), name="triton-watchdog", daemon=True)
     watchdog.start()

@@ -150,3 +150,31 @@ def test_the_shipped_training_set_is_apart_from_the_eval_set() -> None:
     train_pairs = {(e.prompt, e.response) for e in train}
     assert not train_pairs & {(e["prompt"], e["response"]) for e in evaluation}
     assert not {e.prompt for e in train} & eval_prompts
+
+
+async def test_through_triton_a_head_scores_and_an_untrained_one_is_refused(triton_tiny: str) -> None:
+    """The judge client against the real ``principle_heads`` model: a trained head answers a probability; a
+    principle whose head was never trained fails the rollout with a non-retriable error (dead letter), not a
+    made-up score."""
+    from schemas import Constitution, JudgeError
+    from services._judge_client import TritonJudge
+    from tests.factories import make_rollout
+
+    rollout = make_rollout(completion="Paris is the capital of France.")
+    concise = Principle(id="concise", text="Be concise.", scorer="head")
+    known = Constitution(id="c", version=1, principles=[concise])
+    judge = TritonJudge(url=triton_tiny, constitution=known, judge_model_name="tiny-judge")
+    try:
+        scores = await judge.score(rollout)
+    finally:
+        await judge.close()
+    assert set(scores) == {"concise"} and 0.0 < scores["concise"] < 1.0
+
+    unknown = Constitution(id="c", version=1, principles=[concise, Principle(id="mystery", text="?", scorer="head")])
+    judge = TritonJudge(url=triton_tiny, constitution=unknown, judge_model_name="tiny-judge")
+    try:
+        with pytest.raises(JudgeError, match="malformed scores") as caught:
+            await judge.score(rollout)
+    finally:
+        await judge.close()
+    assert not caught.value.retriable

@@ -1,0 +1,47 @@
+"""Process plumbing: services that block their main thread stop on a storm of signals instead of deadlocking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from services._proc import StopRequest, free_port
+
+
+def test_stop_request_is_set_by_a_signal_and_wait_returns_early() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        stop = StopRequest(signals=(signal.SIGUSR1,))
+        assert not stop.wait(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        started = time.monotonic()
+        assert stop.wait(5.0) and stop.requested
+        assert time.monotonic() - started < 1.0
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_the_broker_service_exits_on_a_burst_of_sigterms() -> None:
+    """``rlaif broker`` blocks its main thread; a handler that set a ``threading.Event`` could re-enter the
+    Event's (non-reentrant) lock when a second signal arrived inside ``set``/``wait`` and hang for good —
+    ``rlaif triton`` did, after two SIGTERMs (py-spy showed three nested ``Event.set`` frames)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "broker", "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("bootstrap:")
+        for _ in range(50):
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
