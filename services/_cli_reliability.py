@@ -49,8 +49,6 @@ def chaos_command(
 def injection_shift(model_name: str, cache_dir: Path, render_mode: str, split_special: bool) -> dict[str, Any]:
     """Judge every item of services/data/injection_eval.jsonl with and without its injection text; return the
     mean absolute (and signed, towards Yes) shift of P(yes), overall and for the chat-control-token items."""
-    from importlib import resources
-
     import torch
 
     from schemas import Principle, render_judge_question
@@ -72,28 +70,57 @@ def injection_shift(model_name: str, cache_dir: Path, render_mode: str, split_sp
     path = prepare_model(model_name, cache_dir)
     cls = LlmJudge if split_special else _LegacyJudge
     judge = cls.from_pretrained(path, render_mode=render_mode)
-    text = (resources.files("services") / "data" / "injection_eval.jsonl").read_text()
-    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    items = _injection_items()
 
     def question(item: dict[str, Any], response: str) -> str:
         return render_judge_question(Principle(id="p", text=item["principle"]), item["prompt"], response)
 
     with_inj = judge.score([question(i, i["response"]) for i in items]).tolist()
-    clean = judge.score([question(i, i["response"].replace(i["injection"], "").rstrip()) for i in items]).tolist()
-    control = [k for k, i in enumerate(items) if "<|im_" in i["injection"]]
+    clean = judge.score([question(i, _without_injection(i)) for i in items]).tolist()
+    return {
+        "model": model_name,
+        "render": render_mode,
+        "split_special_tokens": split_special,
+        **_shift_stats(items, with_inj, clean),
+    }
+
+
+def heads_injection_shift(cache_dir: Path) -> dict[str, Any]:
+    """The same measure for the principle heads of the default constitution (P(consistent) instead of P(yes))."""
+    from schemas import render_head_row
+    from services._data import load_constitution
+    from services.triton._heads import PrincipleHeads
+
+    items = _injection_items()
+    by_text = {p.text: p for p in load_constitution().principles}
+    heads = PrincipleHeads.from_cache(cache_dir)
+    pairs = [(by_text[i["principle"]], i) for i in items]
+    with_inj = heads.score([render_head_row(p, i["prompt"], i["response"]) for p, i in pairs])
+    clean = heads.score([render_head_row(p, i["prompt"], _without_injection(i)) for p, i in pairs])
+    return {"model": "principle_heads", **_shift_stats(items, with_inj.tolist(), clean.tolist())}
+
+
+def _injection_items() -> list[dict[str, Any]]:
+    from importlib import resources
+
+    text = (resources.files("services") / "data" / "injection_eval.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _without_injection(item: dict[str, Any]) -> str:
+    return str(item["response"]).replace(item["injection"], "").rstrip()
+
+
+def _shift_stats(items: list[dict[str, Any]], with_inj: list[float], clean: list[float]) -> dict[str, Any]:
+    """Mean |shift| and mean signed shift (towards "consistent"), over all items and the control-token ones."""
 
     def stats(idx: list[int]) -> dict[str, float]:
         diffs = [with_inj[k] - clean[k] for k in idx]
         n = max(1, len(diffs))
         return {"n": len(diffs), "mean_abs_shift": sum(map(abs, diffs)) / n, "mean_shift_to_yes": sum(diffs) / n}
 
-    return {
-        "model": model_name,
-        "render": render_mode,
-        "split_special_tokens": split_special,
-        "all": stats(list(range(len(items)))),
-        "control_token_items": stats(control),
-    }
+    control = [k for k, i in enumerate(items) if "<|im_" in i["injection"]]
+    return {"all": stats(list(range(len(items)))), "control_token_items": stats(control)}
 
 
 def injection_command(
@@ -101,9 +128,10 @@ def injection_command(
     report: Annotated[Path | None, typer.Option(help="write the JSON figures here")] = None,
     cache_dir: Annotated[Path, typer.Option()] = Path(".cache/rlaif"),
 ) -> None:
-    """Mean absolute judge-score shift caused by the injections in injection_eval.jsonl (before/after the
-    split_special_tokens fix, plain and chat rendering)."""
+    """Mean absolute judge-score shift caused by the injections in injection_eval.jsonl (the judge LM before/after
+    the split_special_tokens fix, plain and chat rendering; then the principle heads)."""
     rows = [injection_shift(model, cache_dir, render, split) for render in ("plain", "chat") for split in (False, True)]
+    rows.append(heads_injection_shift(cache_dir))
     text = json.dumps(rows, indent=2)
     print(text)
     if report is not None:

@@ -56,31 +56,6 @@ def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> 
     return batched
 
 
-def _startup_watchdog(started: threading.Event, stopping: StopRequest, period_s: float = 0.1) -> None:
-    """Exit at once if tritonserver dies before the server is up.
-
-    PyTriton waits up to 120 s for a server that is already dead (a chaos run killed tritonserver during its
-    start-up: ``rlaif triton`` sat in that wait for two minutes while the judges ran out of retries). Exiting
-    non-zero hands the problem to the supervisor, which kills what is left of the process group and restarts
-    the service. After start-up the serve loop's ``is_alive()`` poll takes over.
-    """
-    import psutil
-
-    me = psutil.Process()
-    server: psutil.Process | None = None
-    while not started.wait(period_s):
-        if server is None:
-            server = find_tritonserver(me)
-            continue
-        try:
-            alive = server.is_running() and server.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:  # already reaped by PyTriton's launcher thread
-            alive = False
-        if not alive and not stopping.is_set():
-            log.error("tritonserver_died_during_startup", pid=server.pid)
-            os._exit(1)  # the main thread is blocked inside PyTriton's wait; nothing else can stop it
-
-
 def find_tritonserver(service: Any) -> Any:
     """The tritonserver process below ``service`` (a ``psutil.Process``), or None while it is not started."""
     import psutil
@@ -137,9 +112,20 @@ def serve(settings: Settings, *, models: Collection[str], ready: threading.Event
     )
     stop = StopRequest()
     started = threading.Event()
-    watchdog = threading.Thread(target=_startup_watchdog, args=(started, stop), name="triton-watchdog", daemon=True)
-    watchdog.start()
-    with Triton(config=config, workspace=str(workspace)) as triton:
+
+    class _Triton(Triton):  # type: ignore[misc]
+        def _on_tritonserver_exit(self, *args: Any) -> None:
+            """PyTriton calls this from its launcher thread whenever tritonserver exits. Before the server is up,
+            PyTriton alone would then wait up to 120 s for a server that is already dead (a chaos run killed
+            tritonserver during start-up and ``rlaif triton`` sat in that wait while the judges ran out of
+            retries). Exiting non-zero hands the problem to the supervisor, which restarts the service. A
+            psutil poll of the child did this before and missed a server killed within its first 0.1 s."""
+            if not started.is_set() and not stop.requested:
+                log.error("tritonserver_died_during_startup")
+                os._exit(1)  # the main thread is blocked inside PyTriton's wait; nothing else can stop it
+            super()._on_tritonserver_exit(*args)
+
+    with _Triton(config=config, workspace=str(workspace)) as triton:
         for name, (fn, output) in scorers.items():
             triton.bind(
                 model_name=name,
