@@ -52,9 +52,6 @@ class StopRequest:
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
 
-    def is_set(self) -> bool:
-        return self.requested
-
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``, returning early once a stop is requested; True if one was."""
         deadline = time.monotonic() + timeout_s
