@@ -40,7 +40,8 @@ _TINY_SEEDS = {TINY_STUDENT: 1234, TINY_JUDGE: 4321}
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path.lock`` across processes: one of them prepares a cached model, the rest wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -140,7 +141,7 @@ def prepare_model(name: str, cache_dir: Path) -> Path:
     marker = out_dir / ".complete"
     if marker.exists():
         return out_dir
-    with _locked(out_dir):
+    with file_lock(out_dir):
         if marker.exists():
             return out_dir
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,10 @@ runs on first use and is cached by the hash of the training data (:func:`ensure_
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 from numpy.typing import NDArray
 
 from schemas import ConfigError
+from services._models import file_lock
 
 log = structlog.get_logger(__name__)
 
@@ -251,22 +250,11 @@ def heads_path(cache_dir: Path, data: Path) -> Path:
     return (cache_dir / "models" / "principle-heads" / f"{digest[:16]}.safetensors").resolve()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_heads(cache_dir: Path, data: Path | None = None, encoder: SentenceEncoder | None = None) -> Path:
     """The heads trained on ``data`` (default: the shipped training set), training them once if needed."""
     data = data or default_training_data()
     path = heads_path(cache_dir, data)
-    with _locked(path):
+    with file_lock(path):
         if not path.exists():
             heads = fit_heads(read_examples(data), encoder or SentenceEncoder())
             save_heads(heads, path, hashlib.sha256(data.read_bytes()).hexdigest())

@@ -12,21 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 INPUT = "text"
 OUTPUT = "p_consistent"
-
-
-def decode_rows(batch: np.ndarray) -> list[str]:
-    """BYTES tensor ``[batch, 1]`` -> one string per row, as the embedded server decodes it."""
-    rows = batch.reshape(batch.shape[0], -1)
-    return [r[0].decode("utf-8", errors="replace") if isinstance(r[0], bytes) else str(r[0]) for r in rows]
-
-
-def _error(message: str) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
 class TritonPythonModel:
@@ -47,29 +36,9 @@ class TritonPythonModel:
         self.heads = PrincipleHeads.from_cache(cache, device=device, data=settings.heads_data)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        texts: list[str] = []
-        spans: list[tuple[int, int] | str] = []
-        for request in requests:
-            try:
-                rows = decode_rows(pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy())
-            except Exception as exc:
-                spans.append(f"principle_heads: bad input: {type(exc).__name__}: {exc}")
-                continue
-            spans.append((len(texts), len(texts) + len(rows)))
-            texts.extend(rows)
-        try:
-            scores = np.asarray(self.heads.score(texts), dtype=np.float32).reshape(-1, 1)
-        except Exception as exc:  # never a default score: the judge service retries, then dead-letters
-            message = f"principle_heads: {type(exc).__name__}: {exc}"
-            return [_error(message) for _ in requests]
-        responses = []
-        for span in spans:
-            if isinstance(span, str):
-                responses.append(_error(span))
-            else:
-                tensor = pb_utils.Tensor(OUTPUT, scores[span[0] : span[1]])
-                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-        return responses
+        from services.triton._backend import execute
+
+        return execute(pb_utils, requests, self.heads.score, model="principle_heads", output=OUTPUT, input_name=INPUT)
 
     def finalize(self) -> None:
         self.heads = None
