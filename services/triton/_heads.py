@@ -13,7 +13,7 @@ that training fits is folded into the exported weights, so serving is one dot pr
 
 The file is safetensors (``{head}.coef``, ``{head}.intercept``) with the encoder, feature version, training
 data hash and cross-validated AUC per head in its metadata. Training is deterministic and takes seconds, so it
-runs on first use and is cached by the hash of the training data (:func:`ensure_heads`).
+runs on first use and is cached by the hash of the training data and the feature recipe (:func:`ensure_heads`).
 """
 
 from __future__ import annotations
