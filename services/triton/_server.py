@@ -56,6 +56,33 @@ def _text_model(fn: Callable[[list[str]], NDArray[np.float32]], output: str) -> 
     return batched
 
 
+WORKSPACE_PREFIX = "rlaif-triton-"
+OWNER_FILE = "owner.pid"
+
+
+def sweep_dead_workspaces(tmp: Path) -> list[Path]:
+    """Remove the scratch dirs of ``rlaif triton`` processes that are gone; returns what was removed.
+
+    A service that exits cleanly removes its own (a copy of tritonserver's backends, ~22 MB), but a killed one
+    cannot: after a day of chaos runs /tmp held 83 of them. A dir counts as dead when the pid in its owner file
+    no longer runs; dirs without an owner file (or someone else's) are left alone.
+    """
+    import psutil
+
+    removed = []
+    for scratch in tmp.glob(f"{WORKSPACE_PREFIX}*"):
+        try:
+            pid = int((scratch / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not psutil.pid_exists(pid):
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    if removed:
+        log.info("triton_workspaces_swept", count=len(removed))
+    return removed
+
+
 def find_tritonserver(service: Any) -> Any:
     """The tritonserver process below ``service`` (a ``psutil.Process``), or None while it is not started."""
     import psutil
@@ -98,7 +125,9 @@ def serve(settings: Settings, *, models: Collection[str], ready: threading.Event
     scorers = build_scorers(settings, models)
     # PyTriton puts zmq IPC sockets in the workspace; their paths must stay under 107 bytes, so the
     # workspace lives in a short temporary directory rather than under a possibly deep run dir.
-    scratch = Path(tempfile.mkdtemp(prefix="rlaif-triton-"))
+    sweep_dead_workspaces(Path(tempfile.gettempdir()))
+    scratch = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX))
+    (scratch / OWNER_FILE).write_text(str(os.getpid()))
     workspace = scratch / "ws"  # PyTriton creates the workspace itself
     config = TritonConfig(
         http_address="127.0.0.1",

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from services._proc import StopRequest, free_port
 
@@ -45,3 +46,28 @@ def test_the_broker_service_exits_on_a_burst_of_sigterms() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_workspaces_of_dead_triton_services_are_swept(tmp_path: Path) -> None:
+    from services.triton._server import OWNER_FILE, WORKSPACE_PREFIX, sweep_dead_workspaces
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def workspace(name: str, owner: str | None) -> Path:
+        path = tmp_path / f"{WORKSPACE_PREFIX}{name}"
+        (path / "ws").mkdir(parents=True)
+        if owner is not None:
+            (path / OWNER_FILE).write_text(owner)
+        return path
+
+    gone = workspace("gone", str(dead.pid))
+    alive = workspace("alive", str(os.getpid()))
+    unknown = workspace("unknown", None)
+    garbled = workspace("garbled", "not a pid")
+    other = tmp_path / "someone-else"
+    other.mkdir()
+
+    assert sweep_dead_workspaces(tmp_path) == [gone]
+    assert not gone.exists()
+    assert alive.exists() and unknown.exists() and garbled.exists() and other.exists()
