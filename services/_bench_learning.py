@@ -53,13 +53,8 @@ async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
         t0, step, timeline, kl = time.monotonic(), 0, [], 0.0
 
         async def evaluate() -> None:
-            answers = [
-                r
-                for p in evals
-                for r in generator.generate(
-                    PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", eval_round=step)
-                )
-            ]
+            tasks = [PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", eval_round=step) for p in evals]
+            answers = [r for group in await asyncio.to_thread(generator.generate_batch, tasks) for r in group]
             judged = await _judge_all(judge, answers)
             timeline.append(
                 {
@@ -74,10 +69,8 @@ async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
         await evaluate()
         while time.monotonic() - t0 < minutes * 60:
             batch = [train[(step * settings.groups_per_step + i) % len(train)] for i in range(settings.groups_per_step)]
-            groups = []
-            for p in batch:
-                rollouts = await asyncio.to_thread(generator.generate, p)
-                groups.append(await _judge_all(judge, rollouts))
+            sampled = await asyncio.to_thread(generator.generate_batch, batch)  # the step's prompts, one batch
+            groups = [await _judge_all(judge, rollouts) for rollouts in sampled]
             metrics = await asyncio.to_thread(learner.train_step, groups)
             kl = metrics.get("kl", kl)
             learner.state.version += 1

@@ -1,10 +1,11 @@
 """The generator: samples completions from the student and publishes rollouts.
 
 Two loops share one process. The *prompt loop* takes PromptTasks (consumer group ``generators``), samples
-``group_size`` completions per prompt in one batched ``generate`` call, and publishes them as Rollouts with their
-token ids and behaviour log-probs. The *policy loop* reads every PolicyUpdate (no group: each generator sees
-every update), verifies the weights and stages them; the prompt loop swaps them in between two generations,
-so the process never restarts and never generates with half-loaded weights.
+``group_size`` completions per prompt (the prompts waiting for it, up to ``generate_batch``, in one batched
+``generate`` call), and publishes them as Rollouts with their token ids and behaviour log-probs. The *policy
+loop* reads every PolicyUpdate (no group: each generator sees every update), verifies the weights and stages
+them; the prompt loop swaps them in between two generations, so the process never restarts and never
+generates with half-loaded weights.
 """
 
 from __future__ import annotations
@@ -142,25 +143,49 @@ class Generator:
             metrics.POLICY_VERSION.labels(self.generator_id).set(self.version)
 
     # ---- prompt loop -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, task: PromptTask) -> list[Rollout]:
         """Sample a group of completions (greedy, one completion, for eval prompts)."""
+        return self.generate_batch([task])[0]
+
+    def generate_batch(self, tasks: list[PromptTask]) -> list[list[Rollout]]:
+        """Sample the groups of several prompts, one list of rollouts per task, in the order given.
+
+        A decoding step reads every weight once whatever the batch, so on a CPU it costs about the same for
+        8 rows as for 4 (SmolLM2-135M, one thread: 113 ms for 4, 125 ms for 8, 192 ms for 16): the prompts
+        waiting for this generator are sampled together. Eval prompts (greedy) and train prompts (sampled)
+        cannot share one call; each kind is one call.
+        """
         self._swap_if_staged()
-        s = self.settings
-        greedy = task.split == "eval"
+        out: dict[int, list[Rollout]] = {}
+        for greedy in (True, False):
+            picked = [(i, t) for i, t in enumerate(tasks) if (t.split == "eval") == greedy]
+            if picked:
+                groups = self._sample([t for _, t in picked], greedy)
+                out.update((i, g) for (i, _), g in zip(picked, groups, strict=True))
+        return [out[i] for i in range(len(tasks))]
+
+    @torch.inference_mode()
+    def _sample(self, tasks: list[PromptTask], greedy: bool) -> list[list[Rollout]]:
+        s, tok = self.settings, self.tokenizer
         n = 1 if greedy else s.group_size
         self._counter += 1
-        seed = int.from_bytes(
-            hashlib.sha256(f"{self.generator_id}:{task.prompt_id}:{self._counter}".encode()).digest()[:4],
-            "big",
-        )
+        key = f"{self.generator_id}:{','.join(t.prompt_id for t in tasks)}:{self._counter}"
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
         torch.manual_seed(seed)
-        prompt_text = render_prompt(self.tokenizer, task.text)
-        enc = self.tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
-        input_ids = enc["input_ids"].repeat(n, 1).to(self.device)
+        prompts = [
+            tok(render_prompt(tok, t.text), add_special_tokens=False)["input_ids"] for t in tasks for _ in range(n)
+        ]
+        # left padding: every row's completion starts at the same column; the attention mask hides the pads and
+        # generate() derives position ids from it, so a row's log-probs do not depend on its neighbours
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
         out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
             do_sample=not greedy,
             temperature=s.temperature if not greedy else None,
             top_p=s.top_p if not greedy else None,
@@ -168,16 +193,15 @@ class Generator:
             max_new_tokens=s.max_new_tokens,
             output_logits=True,
             return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
         )
-        new_tokens = out.sequences[:, input_ids.shape[1] :]
-        logits = torch.stack(out.logits, dim=1).float()  # raw logits: (n, steps, vocab)
+        new_tokens = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1).float()  # raw logits: (rows, steps, vocab)
         temperature = 1.0 if greedy else s.temperature
         logprobs = (
             torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1).cpu()
         )
-        group_id = new_id()
         sampling = SamplingParams(
             temperature=temperature,
             top_p=1.0 if greedy else s.top_p,
@@ -185,31 +209,34 @@ class Generator:
             seed=seed,
             greedy=greedy,
         )
-        prompt_ids = input_ids[0].tolist()
-        rollouts = []
-        for i in range(n):
-            ids = new_tokens[i].tolist()
-            if self.tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(self.tokenizer.eos_token_id) + 1]  # keep EOS: stopping is learned too
-            rollouts.append(
-                Rollout(
-                    rollout_id=new_id(),
-                    group_id=group_id,
-                    group_size=n,
-                    prompt_id=task.prompt_id,
-                    prompt=task.text,
-                    completion=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                    prompt_token_ids=prompt_ids,
-                    completion_token_ids=ids,
-                    behaviour_logprobs=[min(0.0, float(x)) for x in logprobs[i, : len(ids)]],
-                    policy_version=self.version,
-                    generator_id=self.generator_id,
-                    sampling=sampling,
-                    split=task.split,
-                    eval_round=task.eval_round,
+        groups: list[list[Rollout]] = []
+        for k, task in enumerate(tasks):
+            group_id = new_id()
+            rollouts = []
+            for row in range(k * n, (k + 1) * n):
+                ids = new_tokens[row].tolist()
+                if tok.eos_token_id in ids:
+                    ids = ids[: ids.index(tok.eos_token_id) + 1]  # keep EOS: stopping is learned too
+                rollouts.append(
+                    Rollout(
+                        rollout_id=new_id(),
+                        group_id=group_id,
+                        group_size=n,
+                        prompt_id=task.prompt_id,
+                        prompt=task.text,
+                        completion=tok.decode(ids, skip_special_tokens=True).strip(),
+                        prompt_token_ids=prompts[row],
+                        completion_token_ids=ids,
+                        behaviour_logprobs=[min(0.0, float(x)) for x in logprobs[row, : len(ids)]],
+                        policy_version=self.version,
+                        generator_id=self.generator_id,
+                        sampling=sampling,
+                        split=task.split,
+                        eval_round=task.eval_round,
+                    )
                 )
-            )
-        return rollouts
+            groups.append(rollouts)
+        return groups
 
     async def run(self) -> None:
         metrics.serve_metrics(self.settings.metrics_port, self.settings.metrics_host)
@@ -224,11 +251,15 @@ class Generator:
         log.info("generator_started", generator_id=self.generator_id, model=self.settings.student_model)
         try:
             while not self._stop.is_set():
-                batches = await consumer.getmany(timeout_ms=500, max_records=1)
-                for tp, records in batches.items():
-                    for record in records:
-                        await self._handle(record)
-                        await consumer.commit({TopicPartition(tp.topic, tp.partition): record.offset + 1})
+                # what is waiting, up to a batch: never wait for a batch to fill (a lone prompt goes alone)
+                batches = await consumer.getmany(timeout_ms=500, max_records=self.settings.generate_batch)
+                records = [record for tp_records in batches.values() for record in tp_records]
+                if records:
+                    await self._handle(records)
+                    # after publishing: a generator killed mid-batch leaves its prompts to the next one
+                    await consumer.commit(
+                        {TopicPartition(tp.topic, tp.partition): rs[-1].offset + 1 for tp, rs in batches.items() if rs}
+                    )
                 if policy_task.done():
                     policy_task.result()  # re-raise a crash of the policy loop
         finally:
@@ -236,26 +267,32 @@ class Generator:
             await stop_consumer(consumer)
             await self.publisher.stop()
 
-    async def _handle(self, record: Any) -> None:
-        try:
-            task = decode(record.value, PromptTask)
-        except SchemaError as exc:
-            await self.dlq.send(record, exc)
+    async def _handle(self, records: list[Any]) -> None:
+        tasks, taken = [], []
+        for record in records:
+            try:
+                tasks.append(decode(record.value, PromptTask))
+                taken.append(record)
+            except SchemaError as exc:
+                await self.dlq.send(record, exc)
+        if not tasks:
             return
-        metrics.EVENTS_IN.labels("generator", record.topic).inc()
+        metrics.EVENTS_IN.labels("generator", self.topics.prompts).inc(len(tasks))
         with metrics.GENERATION_SECONDS.labels(self.generator_id).time():
-            rollouts = await asyncio.to_thread(self.generate, task)
+            groups = await asyncio.to_thread(self.generate_batch, tasks)
+        rollouts = [r for group in groups for r in group]
         await self.publisher.send_many(self.topics.rollouts, [(r.group_id, r) for r in rollouts])
         metrics.ROLLOUTS.labels(self.generator_id).inc(len(rollouts))
         metrics.EVENTS_OUT.labels("generator", self.topics.rollouts).inc(len(rollouts))
-        log.info(
-            "rollouts_published",
-            prompt_id=task.prompt_id,
-            n=len(rollouts),
-            policy_version=self.version,
-            offset=record.offset,
-            partition=record.partition,
-        )
+        for task, record, group in zip(tasks, taken, groups, strict=True):
+            log.info(
+                "rollouts_published",
+                prompt_id=task.prompt_id,
+                n=len(group),
+                policy_version=self.version,
+                offset=record.offset,
+                partition=record.partition,
+            )
 
     def stop(self) -> None:
         self._stop.set()

@@ -26,7 +26,7 @@ REWARD = Histogram(
 )
 POLICY_VERSION = Gauge("rlaif_policy_version", "Policy version a generator serves", ["generator"])
 ROLLOUTS = Counter("rlaif_rollouts_total", "Rollouts generated", ["generator"])
-GENERATION_SECONDS = Histogram("rlaif_generation_seconds", "Time to sample one prompt group", ["generator"])
+GENERATION_SECONDS = Histogram("rlaif_generation_seconds", "Time to sample one batch of prompt groups", ["generator"])
 LEARNER_STEP = Gauge("rlaif_learner_step", "Learner optimizer steps taken")
 LEARNER_METRIC = Gauge("rlaif_learner_metric", "Learner step metrics (loss, kl, clip_frac, entropy, ...)", ["name"])
 STALENESS = Histogram(

@@ -114,6 +114,7 @@ class Settings(BaseSettings):
 
     # generator / feeder
     max_prompt_lag: int = Field(default=8, ge=1)  # prompts published but not yet taken by a generator
+    generate_batch: int = Field(default=4, ge=1)  # prompts a generator samples together in one batch
 
     @model_validator(mode="before")
     @classmethod

@@ -95,3 +95,34 @@ async def test_bad_prompt_is_dead_lettered_and_generator_goes_on(tiny_settings: 
         assert letter.payload == b"\x00not json" and letter.source_topic == s.topics.prompts
         await collect(s.kafka, s.topics.rollouts, lambda rs: len(rs) >= s.group_size)
     await stop_task(task, gen.stop)
+
+
+def test_batched_prompts_sample_as_if_alone(tiny_settings: Settings) -> None:
+    """Prompts of different lengths share one left-padded batch: each row's behaviour log-probs are what the
+    learner recomputes for it without padding, a greedy answer is the one it gets alone, and groups come
+    back in the order of the tasks, eval (one greedy completion) and train (a sampled group) mixed."""
+    from services._learner_algo import completion_logprobs
+
+    gen = Generator(tiny_settings)
+    tasks = [
+        PromptTask(prompt_id="e1", text="Hi", split="eval", eval_round=0),
+        PromptTask(prompt_id="t1", text="How do I boil an egg so that the yolk stays soft in the middle?"),
+        PromptTask(prompt_id="e2", text="Name three prime numbers larger than one hundred.", split="eval"),
+        PromptTask(prompt_id="t2", text="Why?"),
+    ]
+    groups = gen.generate_batch(tasks)
+    assert [g[0].prompt_id for g in groups] == ["e1", "t1", "e2", "t2"]
+    assert [len(g) for g in groups] == [1, tiny_settings.group_size, 1, tiny_settings.group_size]
+    assert all(r.sampling.greedy == (r.split == "eval") for g in groups for r in g)
+
+    rollouts = [r for g in groups for r in g]
+    with torch.no_grad():
+        logp, _, _ = completion_logprobs(
+            gen.model, [(r.prompt_token_ids, r.completion_token_ids) for r in rollouts], gen.tokenizer.pad_token_id
+        )
+    for row, r in enumerate(rollouts):
+        recomputed = logp[row, : len(r.behaviour_logprobs)]
+        assert torch.allclose(recomputed, torch.tensor(r.behaviour_logprobs), atol=1e-4)
+    for task, group in zip(tasks, groups, strict=True):
+        if task.split == "eval":
+            assert gen.generate(task)[0].completion_token_ids == group[0].completion_token_ids
