@@ -92,35 +92,86 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs (and entropies) of each completion given its prompt, right-padded.
 
-    Returns ``(logp, entropy, mask)``, each (batch, max completion length).
+    Returns ``(logp, entropy, mask)``, each (batch, max completion length). Completions of one prompt (a
+    group) share its forward pass: the prompt runs once and its key/value cache serves all of them, which on
+    SmolLM2 with G = 4 and its ~35-token chat prompt skips a third of the tokens (gradients flow through the
+    shared cache, so the result is the same as one padded batch; ``tests/services/test_learner.py``).
     """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(sequences):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    parts: list[tuple[list[int], torch.Tensor]] = []  # (rows, packed token logits) per prompt
+    for key, rows in by_prompt.items():
+        prompt, completions = list(key), [sequences[i][1] for i in rows]
+        if len(rows) == 1:
+            parts.append((rows, _token_logits(model, [(prompt, completions[0])], pad_id)))
+        else:
+            parts.append((rows, _shared_prompt_token_logits(model, prompt, completions, pad_id)))
+    device = parts[0][1].device
+    order = [i for rows, _ in parts for i in rows for _ in sequences[i][1]]
+    rows_t = torch.tensor(order, device=device)
+    offsets = torch.tensor([j for rows, _ in parts for i in rows for j in range(len(sequences[i][1]))], device=device)
+    targets = torch.tensor([t for rows, _ in parts for i in rows for t in sequences[i][1]], device=device)
+    # every completion token of the batch in one (tokens, vocab) block: one softmax, one backward
+    token_logp = torch.log_softmax(torch.cat([logits for _, logits in parts]).float() / temperature, dim=-1)
+    comp_width = max(len(c) for _, c in sequences)
+    logp = torch.zeros((len(sequences), comp_width), device=device)
+    entropy = torch.zeros((len(sequences), comp_width), device=device)
+    mask = torch.zeros((len(sequences), comp_width), device=device)
+    logp[rows_t, offsets] = token_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():  # a metric only: no graph through a second (tokens, vocab) tensor
+        entropy[rows_t, offsets] = -(token_logp.exp() * token_logp).sum(-1)
+    mask[rows_t, offsets] = 1.0
+    return logp, entropy, mask
+
+
+def _token_logits(model: Any, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """The logits that predict each completion token, packed row after row: (completion tokens, vocab)."""
     lengths = [len(p) + len(c) for p, c in sequences]
     width = max(lengths)
-    comp_width = max(len(c) for _, c in sequences)
     device = next(model.parameters()).device
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, (p, c) in enumerate(sequences):
         ids[i, : lengths[i]] = torch.tensor(p + c)
         attn[i, : lengths[i]] = 1
-    # the LM head (a fifth of SmolLM2's compute per token) only from the first column that predicts a
-    # completion token; then every completion token of the batch in one packed (tokens, vocab) block, so the
-    # softmax, and its backward, run once instead of once per row
+    # the LM head (a fifth of SmolLM2's compute per token) only from the first column that predicts a completion
     first = min(len(p) for p, _ in sequences) - 1
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=width - first)
     rows = torch.tensor([i for i, (_, c) in enumerate(sequences) for _ in c], device=device)
-    offsets = torch.tensor([j for _, c in sequences for j in range(len(c))], device=device)
-    starts = torch.tensor([len(p) - 1 - first for p, c in sequences for _ in c], device=device)
-    targets = torch.tensor([t for _, c in sequences for t in c], device=device)
-    token_logp = torch.log_softmax(out.logits[rows, starts + offsets].float() / temperature, dim=-1)
-    logp = torch.zeros((len(sequences), comp_width), device=device)
-    entropy = torch.zeros((len(sequences), comp_width), device=device)
-    mask = torch.zeros((len(sequences), comp_width), device=device)
-    logp[rows, offsets] = token_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # a metric only: no graph through a second (tokens, vocab) tensor
-        entropy[rows, offsets] = -(token_logp.exp() * token_logp).sum(-1)
-    mask[rows, offsets] = 1.0
-    return logp, entropy, mask
+    cols = torch.tensor([len(p) - 1 - first + j for p, c in sequences for j in range(len(c))], device=device)
+    logits: torch.Tensor = out.logits[rows, cols]  # logits at position k predict token k + 1
+    return logits
+
+
+def _shared_prompt_token_logits(
+    model: Any, prompt: list[int], completions: list[list[int]], pad_id: int
+) -> torch.Tensor:
+    """``_token_logits`` for completions of one prompt: the prompt's forward pass once, its cache repeated."""
+    device = next(model.parameters()).device
+    head = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(len(completions))
+    width = max(len(c) for c in completions)
+    ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(completions), len(prompt) + width), dtype=torch.long)
+    attn[:, : len(prompt)] = 1
+    for k, c in enumerate(completions):
+        ids[k, : len(c)] = torch.tensor(c)
+        attn[k, len(prompt) : len(prompt) + len(c)] = 1
+    # completion column j predicts token j + 1; token 0 is predicted by the prompt's last position
+    tail = model(input_ids=ids.to(device), attention_mask=attn.to(device), past_key_values=cache).logits
+    rows = torch.tensor([k for k, c in enumerate(completions) for _ in c[1:]], device=device, dtype=torch.long)
+    cols = torch.tensor([j for c in completions for j in range(len(c) - 1)], device=device, dtype=torch.long)
+    firsts = head.logits[:, -1].expand(len(completions), -1)
+    logits = torch.cat([firsts, tail[rows, cols]])  # (completions + later tokens, vocab): reorder row after row
+    index = []
+    later = len(completions)
+    for k, c in enumerate(completions):
+        index.append(k)
+        index.extend(range(later, later + len(c) - 1))
+        later += len(c) - 1
+    return logits[torch.tensor(index, device=device)]
 
 
 def micro_batch_loss(

@@ -139,3 +139,62 @@ def test_versions_continue_after_the_newest_policy_file(tiny_settings: Settings)
     assert learner.state.version == 0
     write_weights(learner.model, tiny_settings.lora, learner.policy_store / "v000005.safetensors")
     assert Learner(tiny_settings).state.version == 5
+
+
+async def test_push_inline_and_by_uri_carry_the_policy_file(tiny_settings: Settings) -> None:
+    """Under ``weights_inline_max_bytes`` the chunks are the policy file's bytes; at 0 the update points at the
+    file instead. Either way the file in the store is the one announced."""
+    from streams import ChunkAssembler, file_sha256
+
+    for limit in (tiny_settings.weights_inline_max_bytes, 0):
+        kafka = tiny_settings.kafka.model_copy(update={"topic_prefix": f"{tiny_settings.kafka.topic_prefix}l{limit}."})
+        s = tiny_settings.model_copy(
+            update={"weights_inline_max_bytes": limit, "kafka": kafka, "run_dir": tiny_settings.run_dir / str(limit)}
+        )
+        await ensure_topics(s.kafka, s.topics.specs())
+        learner = Learner(s)
+        learner.train_step([judged_groups(s, 1)])
+        await learner.publisher.start()
+        try:
+            await learner.publish_policy({})
+        finally:
+            await learner.publisher.stop()
+        path = learner.policy_store / "v000001.safetensors"
+        announced = 1 + (limit > 0)  # the update, and at least one chunk when inline
+        records = await collect(s.kafka, s.topics.policy, lambda rs: len(rs) >= announced)  # noqa: B023
+        update = decode_any(records[0].value)
+        assert isinstance(update, PolicyUpdate) and update.sha256 == file_sha256(path)
+        if limit:
+            assert update.uri is None and update.n_chunks >= 1
+            assembler, blob = ChunkAssembler(update), None
+            everything = 1 + update.n_chunks
+            for record in await collect(s.kafka, s.topics.policy, lambda rs: len(rs) >= everything):  # noqa: B023
+                event = decode_any(record.value)
+                if not isinstance(event, PolicyUpdate):
+                    blob = assembler.feed(event) or blob  # type: ignore[arg-type]
+            assert blob == path.read_bytes()
+        else:
+            assert update.n_chunks == 0 and update.uri == f"file://{path}"
+
+
+def test_completions_of_one_prompt_share_its_forward_pass_exactly(tiny_settings: Settings) -> None:
+    """Log-probs and gradients through the shared prompt cache equal those of each sequence on its own."""
+    from services._learner_algo import completion_logprobs
+
+    torch.manual_seed(0)
+    model, tok = build_policy(tiny_settings.student_model, tiny_settings.cache_dir, lora=False)
+    prompt, other = list(range(10, 30)), list(range(40, 47))
+    seqs = [(prompt, list(range(50, 62))), (prompt, [3]), (other, [5, 6, 7]), (prompt, list(range(70, 75)))]
+
+    logp, _, mask = completion_logprobs(model, seqs, tok.pad_token_id, temperature=0.8)
+    (logp * mask).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    for row, seq in enumerate(seqs):
+        alone, _, alone_mask = completion_logprobs(model, [seq], tok.pad_token_id, temperature=0.8)
+        assert torch.allclose(alone[0], logp[row, : alone.shape[1]].detach(), atol=1e-5)
+        (alone * alone_mask).sum().backward()
+    alone_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(shared_grads) == len(alone_grads)
+    for shared, alone in zip(shared_grads, alone_grads, strict=True):
+        assert torch.allclose(shared, alone, atol=1e-5, rtol=1e-4)
