@@ -41,6 +41,7 @@ from services._policy import (
     apply_weights,
     build_policy,
     load_weights_blob,
+    payload_bytes,
     serialize_tensors,
     weights_on_cpu,
     write_blob,
@@ -359,7 +360,7 @@ class Learner:
         chunks. -> chunks, sha256, size."""
         metadata = {"policy_version": str(version)}
         tensors = weights_on_cpu(self.model, self.s.lora)
-        if sum(t.numel() * t.element_size() for t in tensors.values()) > SMALL_PAYLOAD_BYTES:
+        if payload_bytes(tensors) > SMALL_PAYLOAD_BYTES:
             write_safetensors(tensors, path, metadata)  # streamed: full weights need not fit in memory twice
             digest, blob = file_sha256(path), None
         else:  # an adapter: serialized once, the same bytes hashed, written and chunked

@@ -123,8 +123,19 @@ def write_weights(model: Any, lora: bool, path: Path, metadata: dict[str, str] |
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
-    """Atomic and durable: readers see the old file or the whole new one, also after a power cut."""
-    _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    """Atomic and durable: readers see the old file or the whole new one, also after a power cut.
+
+    A small file (an adapter, a LoRA checkpoint's ~700 optimizer tensors) is built in memory by the fast
+    writer; a big one is streamed by safetensors tensor by tensor.
+    """
+    if payload_bytes(tensors) <= SMALL_PAYLOAD_BYTES:
+        write_blob(serialize_tensors(tensors, metadata), path)
+    else:
+        _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def write_blob(blob: bytes, path: Path) -> None:
@@ -192,7 +203,7 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     True
     """
     floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
-    if sum(t.numel() * t.element_size() for t in floats.values()) <= SMALL_PAYLOAD_BYTES:
+    if payload_bytes(floats) <= SMALL_PAYLOAD_BYTES:
         by_dtype: defaultdict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
         for t in floats.values():
             by_dtype[t.dtype].append(t.reshape(-1))
