@@ -2,8 +2,8 @@
 
 Backpressure comes from the broker itself, at two levels: the feeder compares what it has published on each
 partition with the offsets the ``generators`` group has committed (at most ``max_prompt_lag`` prompts wait),
-and it counts the groups the learner has trained on (from the learner topic), keeping at most
-``groups_per_step × max_staleness`` groups in flight so generation never runs far ahead of learning.
+and it counts the groups the learner has trained on (from the learner topic), keeping at most two steps'
+worth of groups in flight (one if ``max_staleness`` is 0), so generation never runs far ahead of learning.
 Every ``eval_every`` learner steps it also publishes the held-out eval prompts, tagged with an eval round,
 which generators answer greedily.
 """
@@ -38,9 +38,12 @@ class Feeder:
         self._eval_rounds_done: set[int] = set()
         self.train_published = 0
         self.groups_trained = 0
-        # Generation must not run far ahead of learning: rollouts older than max_staleness versions are
-        # wasted, so at most this many prompt groups are in flight (published, not yet trained on).
-        self.max_inflight = settings.groups_per_step * max(2, settings.max_staleness)
+        # Generation must not run far ahead of learning. Two steps' worth in flight keep a learner busy (one
+        # step trains while the next is sampled and judged); more only ages the queue: when the learner is the
+        # slower stage every queued group waits its turn, so rollouts reach it ~(in flight / groups_per_step)
+        # versions old, and past max_staleness they are dropped unused. (Four steps' worth with four groups a
+        # step: staleness 3-4, whole groups dropped.)
+        self.max_inflight = settings.groups_per_step * min(2, max(1, settings.max_staleness))
 
     async def lag(self, probe: object) -> int:
         total = 0

@@ -266,6 +266,8 @@ class Learner:
             stale = [m.rollout.rollout_id for m in members if m not in fresh]
             st_.counters["dropped_stale"] += len(stale)
             st_.dropped.update(stale)
+            if not fresh:  # a wholly stale group teaches nothing (and has no mean to normalise by)
+                continue
             for m, a in zip(fresh, group_advantages([m.reward for m in fresh]), strict=True):
                 rows.append(m)
                 advantages.append(a)

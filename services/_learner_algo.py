@@ -31,8 +31,12 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     [1.0, -1.0]
     >>> group_advantages([0.5, 0.5, 0.5])
     [0.0, 0.0, 0.0]
+    >>> group_advantages([])
+    []
     """
     n = len(rewards)
+    if n == 0:
+        return []
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
     return [(r - mean) / (std + eps) for r in rewards]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import torch
 from safetensors.torch import load_file
 
@@ -198,3 +199,19 @@ def test_completions_of_one_prompt_share_its_forward_pass_exactly(tiny_settings:
     assert len(shared_grads) == len(alone_grads)
     for shared, alone in zip(shared_grads, alone_grads, strict=True):
         assert torch.allclose(shared, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_a_wholly_stale_group_is_dropped_not_fatal(tiny_settings: Settings) -> None:
+    """A step whose group is entirely older than max_staleness (a learner that fell behind) drops it and
+    trains on the rest; this once raised ZeroDivisionError and crash-looped the learner on restart."""
+    learner = Learner(tiny_settings)
+    stale = judged_groups(tiny_settings, 1)
+    learner.state.version = tiny_settings.max_staleness + 1  # every rollout above was sampled at version 0
+    fresh = [
+        make_judged(msgspec.structs.replace(r.rollout, policy_version=learner.state.version), r.scores)
+        for r in judged_groups(tiny_settings, 1)
+    ]
+    metrics = learner.train_step([stale, fresh])
+    assert learner.state.counters["dropped_stale"] == len(stale)
+    assert metrics["trained_rollouts"] == len(fresh)
+    assert learner.train_step([stale])["trained_rollouts"] == 0
