@@ -73,6 +73,10 @@ class LearnerState:
     trained: set[str] = field(default_factory=set)  # the ledger: rollout ids trained on ...
     dropped: set[str] = field(default_factory=set)  # ... and ids deliberately not trained on (stale, incomplete)
     pending: dict[str, dict[str, JudgedRollout]] = field(default_factory=dict)  # group -> rollout -> event
+    # held-out eval rounds: answers of a round not complete yet, and rounds already reported (a restart re-reads
+    # rewards from the checkpoint's offsets; without these a round is reported twice, or never)
+    eval_answers: dict[int, dict[str, JudgedRollout]] = field(default_factory=dict)  # round -> prompt -> event
+    eval_reported: set[int] = field(default_factory=set)
     group_seen_at: dict[str, float] = field(default_factory=dict)
     counters: dict[str, int] = field(
         default_factory=lambda: {
@@ -81,6 +85,7 @@ class LearnerState:
             "dropped_stale": 0,
             "dropped_incomplete": 0,
             "eval_consumed": 0,
+            "eval_duplicates": 0,
             "trained_rows": 0,
             "dead_lettered": 0,
         }
@@ -120,7 +125,6 @@ class Learner:
         self.last_trained_ids: list[str] = []
         self.last_trained_versions: list[int] = []
         self._exported: dict[str, int] = {}
-        self._eval_rounds: dict[int, dict[str, JudgedRollout]] = {}
         n_eval_prompts = sum(1 for p in load_prompts(settings.prompts) if p.split == "eval")
         self._eval_size = max(1, min(settings.eval_prompts, n_eval_prompts))
         self.load_checkpoint()
@@ -144,6 +148,8 @@ class Learner:
             "dropped": json.dumps(sorted(st_.dropped)),
             "counters": json.dumps(st_.counters),
             "pending": json.dumps([encode(e).decode() for group in st_.pending.values() for e in group.values()]),
+            "eval_answers": json.dumps([encode(e).decode() for r in st_.eval_answers.values() for e in r.values()]),
+            "eval_reported": json.dumps(sorted(st_.eval_reported)),
         }
         if weights_file is None:
             tensors = {f"model.{k}": v for k, v in weights_on_cpu(self.model, self.s.lora).items()}
@@ -188,6 +194,10 @@ class Learner:
             event = decode(raw.encode(), JudgedRollout)
             st_.pending.setdefault(event.rollout.group_id, {})[event.rollout.rollout_id] = event
             st_.group_seen_at[event.rollout.group_id] = time.monotonic()
+        for raw in json.loads(meta.get("eval_answers", "[]")):
+            event = decode(raw.encode(), JudgedRollout)
+            st_.eval_answers.setdefault(event.rollout.eval_round or 0, {})[event.rollout.prompt_id] = event
+        st_.eval_reported = set(json.loads(meta.get("eval_reported", "[]")))
         log.info("checkpoint_resumed", step=st_.step, version=st_.version, offsets=st_.offsets)
 
     # ---- intake ------------------------------------------------------------------------------------
@@ -216,11 +226,16 @@ class Learner:
     async def _collect_eval(self, event: JudgedRollout) -> None:
         """Held-out evaluation: once every eval prompt of a round is judged, publish one EvalResult."""
         eval_round = event.rollout.eval_round or 0
-        answers = self._eval_rounds.setdefault(eval_round, {})
+        st_ = self.state
+        if eval_round in st_.eval_reported:
+            st_.counters["eval_duplicates"] += 1
+            return
+        answers = st_.eval_answers.setdefault(eval_round, {})
         answers[event.rollout.prompt_id] = event
         if len(answers) < self._eval_size:
             return
-        del self._eval_rounds[eval_round]
+        del st_.eval_answers[eval_round]
+        st_.eval_reported.add(eval_round)
         events = list(answers.values())
         versions = [e.rollout.policy_version for e in events]
         by_principle = {pid: sum(e.scores[pid] for e in events) / len(events) for pid in sorted(events[0].scores)}

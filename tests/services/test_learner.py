@@ -215,3 +215,47 @@ def test_a_wholly_stale_group_is_dropped_not_fatal(tiny_settings: Settings) -> N
     assert learner.state.counters["dropped_stale"] == len(stale)
     assert metrics["trained_rollouts"] == len(fresh)
     assert learner.train_step([stale])["trained_rollouts"] == 0
+
+
+async def test_an_eval_round_is_reported_once_across_restarts(tiny_settings: Settings) -> None:
+    """Answers collected before a checkpoint count after a restart, and a round re-read from the checkpoint's
+    offsets is not reported again."""
+    from schemas import EvalResult
+    from services._data import load_prompts
+
+    s = tiny_settings
+    await ensure_topics(s.kafka, s.topics.specs())
+    evals = [p for p in load_prompts(s.prompts) if p.split == "eval"][: s.eval_prompts]
+    tasks = [PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", eval_round=5) for p in evals]
+    answers = [make_judged(group[0], {"a": 0.5}) for group in Generator(s).generate_batch(tasks)]
+
+    async def learner_with(events: list[JudgedRollout]) -> Learner:
+        learner = Learner(s)
+        await learner.publisher.start()
+        try:
+            for event in events:
+                await learner._collect_eval(event)
+        finally:
+            await learner.publisher.stop()
+        learner.save_checkpoint()
+        return learner
+
+    async def reported_until_marker(marker: int) -> list[tuple[int, int]]:
+        async with Publisher(s.kafka) as pub:  # everything before the marker has been read once it is
+            await pub.send(
+                s.topics.eval,
+                EvalResult(
+                    policy_version=0, eval_round=marker, n=0, reward_mean=0.0, by_principle={}, constitution_id="c"
+                ),
+            )
+        records = await collect(
+            s.kafka, s.topics.eval, lambda rs: decode(rs[-1].value, EvalResult).eval_round == marker
+        )
+        return [(r.eval_round, r.n) for r in (decode(x.value, EvalResult) for x in records) if r.n]
+
+    await learner_with(answers[:-1])  # killed before the last answer arrived
+    await learner_with(answers[-1:])  # the restart completes the round
+    assert await reported_until_marker(998) == [(5, len(answers))]
+    replayed = await learner_with(answers)  # restarted again, re-reading all of it
+    assert replayed.state.counters["eval_duplicates"] == len(answers)
+    assert await reported_until_marker(999) == [(5, len(answers))]
