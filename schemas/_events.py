@@ -49,7 +49,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
-    seed: int | None = None
+    seed: int | None = None  # torch seed of the generate() call; rows of one batch (several groups) share it
     greedy: bool = False
 
 
