@@ -59,11 +59,13 @@ class FakeGenerator(Generator):
         super().__init__(settings)
         self.cost_s = cost_s
 
-    def generate(self, task: PromptTask) -> list[Rollout]:
-        self._swap_if_staged()  # the real hot-swap point, as in Generator.generate
-        time.sleep(self.cost_s)
-        s, group_id = self.settings, new_id()
-        n = s.group_size
+    def generate_batch(self, tasks: list[PromptTask]) -> list[list[Rollout]]:
+        self._swap_if_staged()  # the real hot-swap point, as in Generator.generate_batch
+        time.sleep(self.cost_s * len(tasks))  # the stage cost stays G per prompt, batched or not
+        return [self._group(task) for task in tasks]
+
+    def _group(self, task: PromptTask) -> list[Rollout]:
+        group_id, n = new_id(), self.settings.group_size
         return [
             Rollout(
                 rollout_id=new_id(),
