@@ -117,7 +117,8 @@ class Learner:
         self.state = LearnerState()
         self.ckpt_path = checkpoint_path(settings.run_dir)
         self.policy_store = (settings.run_dir / "policy").resolve()
-        self.publisher = Publisher(settings.kafka)
+        # its sends are awaited one at a time (a step, then a push), so a linger could only delay each of them
+        self.publisher = Publisher(settings.kafka, linger_ms=0)
         self.dlq = DeadLetterSink(
             self.publisher, self.topics.dead_letters, service="learner", on_dead_letter=metrics.count_dead_letter
         )

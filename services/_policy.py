@@ -222,9 +222,9 @@ def apply_weights(model: Any, tensors: dict[str, torch.Tensor], lora: bool) -> N
     """Copy ``tensors`` into the model in place (every travelling tensor, nothing else)."""
     live = _travelling(model, lora)
     _check_names(tensors, live)
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            live[name].copy_(tensor)
+    names = list(tensors)
+    with torch.no_grad():  # one fused call: 240 separate copy_ calls of an adapter cost ~3 ms of dispatch
+        torch._foreach_copy_([live[name] for name in names], [tensors[name] for name in names])
 
 
 def render_prompt(tokenizer: Any, text: str) -> str:

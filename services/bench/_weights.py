@@ -46,7 +46,7 @@ def _publisher_shell(settings: Settings, model: Any) -> Learner:
     shell.ckpt_path = checkpoint_path(settings.run_dir)
     shell.topics = settings.topics
     shell.policy_store = (settings.run_dir / "policy").resolve()
-    shell.publisher = Publisher(settings.kafka)
+    shell.publisher = Publisher(settings.kafka, linger_ms=0)  # as Learner.__init__
     return shell
 
 
