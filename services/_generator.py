@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +124,21 @@ class Generator:
 
     def _stage_file(self, update: PolicyUpdate, path: Path) -> None:
         blob = path.read_bytes()
-        verify_blob(blob, update)
-        self._stage(update.policy_version, blob)
+        # hash and parse side by side (both mostly outside the GIL); nothing is staged unless the hash matches
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            verified = pool.submit(verify_blob, blob, update)
+            tensors = load_weights_blob(blob, self.model, self.settings.lora)
+            verified.result()
+        self._stage_tensors(update.policy_version, tensors, len(blob))
 
     def _stage(self, version: int, blob: bytes) -> None:
-        tensors = load_weights_blob(blob, self.model, self.settings.lora)
+        self._stage_tensors(version, load_weights_blob(blob, self.model, self.settings.lora), len(blob))
+
+    def _stage_tensors(self, version: int, tensors: dict[str, torch.Tensor], size: int) -> None:
         with self._staged_lock:
             if self._staged is None or self._staged[0] < version:
                 self._staged = (version, tensors)
-        log.info("policy_staged", policy_version=version, bytes=len(blob))
+        log.info("policy_staged", policy_version=version, bytes=size)
 
     def _swap_if_staged(self) -> None:
         with self._staged_lock:

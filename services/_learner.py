@@ -46,6 +46,7 @@ from services._policy import (
     weights_on_cpu,
     write_blob,
     write_safetensors,
+    write_safetensors_sha256,
 )
 from services._proc import run_until_signalled
 from services._settings import Settings
@@ -55,7 +56,6 @@ from streams import (
     decode,
     encode,
     ensure_topics,
-    file_sha256,
     make_consumer,
     sha256_hex,
     split_chunks,
@@ -379,8 +379,8 @@ class Learner:
         metadata = {"policy_version": str(version)}
         tensors = weights_on_cpu(self.model, self.s.lora)
         if payload_bytes(tensors) > SMALL_PAYLOAD_BYTES:
-            write_safetensors(tensors, path, metadata)  # streamed: full weights need not fit in memory twice
-            digest, blob = file_sha256(path), None
+            # streamed: full weights need not fit in memory twice
+            digest, blob = write_safetensors_sha256(tensors, path, metadata), None
         else:  # an adapter: serialized once, the same bytes hashed, written and chunked
             blob = serialize_tensors(tensors, metadata)
             digest = sha256_hex(blob)

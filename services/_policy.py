@@ -11,6 +11,7 @@ import os
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from schemas import IntegrityError
 from services._models import load_causal_lm
+from streams import file_sha256
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -143,21 +145,35 @@ def write_blob(blob: bytes, path: Path) -> None:
     _replace_durably(path, lambda tmp: tmp.write_bytes(blob))
 
 
-def _replace_durably(path: Path, write: Callable[[Path], object]) -> None:
+def write_safetensors_sha256(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> str:
+    """``write_safetensors`` for a big file, streamed; returns its sha256, read back while the fsync runs (both
+    wait on the disk or hash outside the GIL: for 538 MB of full weights, ~0.4 s off a ~4 s push)."""
+    digest = _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), file_sha256)
+    assert digest is not None
+    return digest
+
+
+def _replace_durably(
+    path: Path, write: Callable[[Path], object], while_syncing: Callable[[Path], str] | None = None
+) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        side = pool.submit(while_syncing, tmp) if while_syncing is not None else None
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        result = side.result() if side is not None else None
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself
     finally:
         os.close(dir_fd)
+    return result
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

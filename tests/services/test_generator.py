@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 
+import msgspec
 import torch
 
 from schemas import DeadLetter, PolicyChunk, PolicyUpdate, PromptTask, Rollout
@@ -126,3 +128,30 @@ def test_batched_prompts_sample_as_if_alone(tiny_settings: Settings) -> None:
     for task, group in zip(tasks, groups, strict=True):
         if task.split == "eval":
             assert gen.generate(task)[0].completion_token_ids == group[0].completion_token_ids
+
+
+def test_a_policy_file_whose_hash_differs_is_not_staged(tiny_settings: Settings, tmp_path: Path) -> None:
+    """Read by URI, the file is hashed while it is parsed; a mismatch must leave nothing staged."""
+    import pytest
+
+    from schemas import IntegrityError
+
+    gen = Generator(tiny_settings)
+    blob = serialize_weights(gen.model, lora=False)
+    path = tmp_path / "v000001.safetensors"
+    path.write_bytes(blob)
+    update = PolicyUpdate(
+        policy_version=1,
+        learner_step=1,
+        base_model=tiny_settings.student_model,
+        kind="full",
+        sha256=sha256_hex(blob + b"x"),
+        size_bytes=len(blob),
+        n_chunks=0,
+        uri=f"file://{path}",
+    )
+    with pytest.raises(IntegrityError):
+        gen._stage_file(update, path)
+    assert gen._staged is None
+    gen._stage_file(msgspec.structs.replace(update, sha256=sha256_hex(blob)), path)
+    assert gen._staged is not None and gen._staged[0] == 1
