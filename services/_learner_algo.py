@@ -107,8 +107,8 @@ def completion_logprobs(
     parts: list[tuple[list[int], torch.Tensor]] = []  # (rows, packed token logits) per prompt
     for key, rows in by_prompt.items():
         prompt, completions = list(key), [sequences[i][1] for i in rows]
-        if len(rows) == 1:
-            parts.append((rows, _token_logits(model, [(prompt, completions[0])], pad_id)))
+        if len(rows) == 1 or not all(completions):  # nothing to share, or an empty completion (no first token)
+            parts.append((rows, _token_logits(model, [(prompt, c) for c in completions], pad_id)))
         else:
             parts.append((rows, _shared_prompt_token_logits(model, prompt, completions, pad_id)))
     device = parts[0][1].device

@@ -259,3 +259,16 @@ async def test_an_eval_round_is_reported_once_across_restarts(tiny_settings: Set
     replayed = await learner_with(answers)  # restarted again, re-reading all of it
     assert replayed.state.counters["eval_duplicates"] == len(answers)
     assert await reported_until_marker(999) == [(5, len(answers))]
+
+
+def test_an_empty_completion_in_a_group_is_masked_not_misaligned(tiny_settings: Settings) -> None:
+    from services._learner_algo import completion_logprobs
+
+    model, tok = build_policy(tiny_settings.student_model, tiny_settings.cache_dir, lora=False)
+    prompt = list(range(10, 20))
+    seqs = [(prompt, [5, 6]), (prompt, []), (prompt, [7])]
+    logp, _, mask = completion_logprobs(model, seqs, tok.pad_token_id)
+    assert mask.tolist() == [[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]
+    for row in (0, 2):
+        alone, _, _ = completion_logprobs(model, [seqs[row]], tok.pad_token_id)
+        assert torch.allclose(alone[0], logp[row, : alone.shape[1]], atol=1e-5)
