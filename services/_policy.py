@@ -146,8 +146,8 @@ def write_blob(blob: bytes, path: Path) -> None:
 
 
 def write_safetensors_sha256(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> str:
-    """``write_safetensors`` for a big file, streamed; returns its sha256, read back while the fsync runs (both
-    wait on the disk or hash outside the GIL: for 538 MB of full weights, ~0.4 s off a ~4 s push)."""
+    """``write_safetensors`` for a big file, streamed; returns its sha256, read back while the fsync runs (the
+    fsync waits on the disk, the hash runs outside the GIL: hashing 538 MB of full weights takes ~0.4 s)."""
     digest = _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), file_sha256)
     assert digest is not None
     return digest
