@@ -179,9 +179,8 @@ class Generator:
         key = f"{self.generator_id}:{','.join(t.prompt_id for t in tasks)}:{self._counter}"
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
         torch.manual_seed(seed)
-        prompts = [
-            tok(render_prompt(tok, t.text), add_special_tokens=False)["input_ids"] for t in tasks for _ in range(n)
-        ]
+        encoded = [tok(render_prompt(tok, t.text), add_special_tokens=False)["input_ids"] for t in tasks]
+        prompts = [ids for ids in encoded for _ in range(n)]  # each prompt tokenized once, one row per sample
         # left padding: every row's completion starts at the same column; the attention mask hides the pads and
         # generate() derives position ids from it, so a row's log-probs do not depend on its neighbours
         width = max(len(p) for p in prompts)

@@ -159,21 +159,25 @@ def _replace_durably(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     write(tmp)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        side = pool.submit(while_syncing, tmp) if while_syncing is not None else None
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        result = side.result() if side is not None else None
+    result = None
+    if while_syncing is None:
+        _fsync(tmp)
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            side = pool.submit(while_syncing, tmp)
+            _fsync(tmp)
+            result = side.result()
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself
-    finally:
-        os.close(dir_fd)
+    _fsync(path.parent)  # the rename itself
     return result
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
