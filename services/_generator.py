@@ -78,9 +78,10 @@ class Generator:
             lora=settings.lora,
             lora_rank=settings.lora_rank,
             seed=settings.seed,
+            device=settings.device,
         )
         self.device = torch.device(settings.device)
-        self.model.to(self.device).eval()
+        self.model.eval()
         self.version = 0
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
         self._staged_lock = threading.Lock()
@@ -99,7 +100,10 @@ class Generator:
     async def follow_policy(self) -> None:
         assembler: ChunkAssembler | None = None
         store = (self.settings.run_dir / "policy").resolve()
-        async for record in read_from_start(self.settings.kafka, [self.topics.policy]):
+        policy = [self.topics.policy]
+        async for record in read_from_start(
+            self.settings.kafka, policy, fetch_max_wait_ms=self.settings.policy_fetch_wait_ms
+        ):
             try:
                 event = decode_any(record.value)
                 if isinstance(event, PolicyUpdate):

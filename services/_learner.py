@@ -42,9 +42,9 @@ from services._policy import (
     build_policy,
     load_weights_blob,
     payload_bytes,
-    serialize_tensors,
+    serialize_weights,
     weights_on_cpu,
-    write_blob,
+    write_blob_sha256,
     write_safetensors,
     write_safetensors_sha256,
 )
@@ -104,9 +104,10 @@ class Learner:
             lora=settings.lora,
             lora_rank=settings.lora_rank,
             seed=settings.seed,
+            device=settings.device,
         )
         self.device = torch.device(settings.device)
-        self.model.to(self.device).train()
+        self.model.train()
         # LoRA: the reference is the same network with adapters disabled; full mode keeps a frozen copy.
         self.reference = None
         if not settings.lora:
@@ -381,10 +382,9 @@ class Learner:
         if payload_bytes(tensors) > SMALL_PAYLOAD_BYTES:
             # streamed: full weights need not fit in memory twice
             digest, blob = write_safetensors_sha256(tensors, path, metadata), None
-        else:  # an adapter: serialized once, the same bytes hashed, written and chunked
-            blob = serialize_tensors(tensors, metadata)
-            digest = sha256_hex(blob)
-            write_blob(blob, path)
+        else:  # an adapter: serialized once, the same bytes hashed (during the fsync), written and chunked
+            blob = serialize_weights(self.model, self.s.lora, metadata)
+            digest = write_blob_sha256(blob, path)
         size = path.stat().st_size
         if size > self.s.weights_inline_max_bytes:
             return [], digest, size

@@ -22,16 +22,24 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from schemas import IntegrityError
+from services import _flat_adapter as _flat
 from services._models import load_causal_lm
-from streams import file_sha256
+from streams import file_sha256, sha256_hex
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def build_policy(model_name: str, cache_dir: Path, *, lora: bool, lora_rank: int = 8, seed: int = 0) -> tuple[Any, Any]:
+def build_policy(
+    model_name: str, cache_dir: Path, *, lora: bool, lora_rank: int = 8, seed: int = 0, device: str = "cpu"
+) -> tuple[Any, Any]:
+    """The student on ``device``; with LoRA, its adapter is one buffer (see ``services._flat_adapter``), so
+    build it before an optimizer holds its parameters."""
     model, tok = load_causal_lm(model_name, cache_dir)
     if lora:
         model = with_lora(model, lora_rank, seed)
+    model.to(torch.device(device))
+    if lora:
+        _flat.flatten(model, _travelling(model, lora=True))
     return model, tok
 
 
@@ -116,6 +124,11 @@ def serialize_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 def serialize_weights(model: Any, lora: bool, metadata: dict[str, str] | None = None) -> bytes:
+    """The travelling tensors as a safetensors file; an adapter held in one buffer is its header plus the
+    buffer's bytes (~1 ms instead of ~6)."""
+    flat = _flat.buffer_of(model) if lora else None
+    if flat is not None:
+        return _flat.to_bytes(*flat, metadata)
     return serialize_tensors(weights_on_cpu(model, lora), metadata)
 
 
@@ -143,6 +156,13 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def write_blob(blob: bytes, path: Path) -> None:
     """``write_safetensors`` for bytes already serialized."""
     _replace_durably(path, lambda tmp: tmp.write_bytes(blob))
+
+
+def write_blob_sha256(blob: bytes, path: Path) -> str:
+    """``write_blob`` that returns the blob's sha256, hashed while the fsync waits on the disk."""
+    digest = _replace_durably(path, lambda tmp: tmp.write_bytes(blob), lambda _tmp: sha256_hex(blob))
+    assert digest is not None
+    return digest
 
 
 def write_safetensors_sha256(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> str:
@@ -192,7 +212,18 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def load_weights_blob(blob: bytes, model: Any, lora: bool) -> dict[str, torch.Tensor]:
-    """Parse and validate a weights blob against ``model``: same tensor names, shapes and dtypes, all finite."""
+    """Parse and validate a weights blob against ``model``: same tensor names, shapes and dtypes, all finite.
+
+    A blob laid out exactly like the model's adapter buffer is read as one buffer (``_flat.FlatState``); any
+    other goes through safetensors, tensor by tensor, which also names what does not match.
+    """
+    flat = _flat.buffer_of(model) if lora else None
+    parsed = _flat.parse(blob, flat[1]) if flat is not None else None
+    if parsed is not None:
+        bad = first_non_finite(parsed)
+        if bad is not None:
+            raise IntegrityError(f"{bad}: non-finite values")
+        return parsed
     try:
         tensors = st_load(blob)
     except Exception as exc:  # safetensors raises its own SafetensorError for any malformed header
@@ -222,6 +253,8 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     >>> first_non_finite({"a": torch.ones(2)}) is None
     True
     """
+    if isinstance(tensors, _flat.FlatState) and _all_finite(tensors.flat):
+        return None
     floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
     if payload_bytes(floats) <= SMALL_PAYLOAD_BYTES:
         by_dtype: defaultdict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
@@ -240,6 +273,8 @@ def _check_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 def apply_weights(model: Any, tensors: dict[str, torch.Tensor], lora: bool) -> None:
     """Copy ``tensors`` into the model in place (every travelling tensor, nothing else)."""
+    if lora and isinstance(tensors, _flat.FlatState) and _flat.copy_into(model, tensors):
+        return
     live = _travelling(model, lora)
     _check_names(tensors, live)
     names = list(tensors)

@@ -186,6 +186,7 @@ async def read_from_start(
     stop_at_end: bool = False,
     idle_timeout_s: float = 2.0,
     start_offsets: dict[TopicPartition, int] | None = None,
+    fetch_max_wait_ms: int = 50,
 ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
     """Read topics from the beginning without a consumer group (every reader sees every record).
 
@@ -195,7 +196,7 @@ async def read_from_start(
     """
     # A short fetch wait: Tansu does not always answer a parked fetch when records arrive, so a reader
     # could otherwise sit out the whole default 500 ms (measured: weight pushes 20-336 ms vs 31-52 ms).
-    consumer = make_consumer(cfg, group_id=None, fetch_max_wait_ms=50)
+    consumer = make_consumer(cfg, group_id=None, fetch_max_wait_ms=fetch_max_wait_ms)
     await consumer.start()
     try:
         partitions: list[TopicPartition] = []

@@ -137,14 +137,11 @@ def _disk_round(settings: Settings, model: Any, readers: list[Any], version: int
 
 
 async def _one_mode(
-    report: Report, base: Settings, *, lora: bool, rounds: int, broker: EmbeddedBroker, via_store: bool = False
+    report: Report, base: Settings, label: str, *, lora: bool, rounds: int, broker: EmbeddedBroker, **overrides: Any
 ) -> int:
-    label = ("lora" if lora else "full") + (" via policy store" if via_store else "")
     with tempfile.TemporaryDirectory(prefix="rlaif-bench-w-") as tmp:
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
-        update: dict[str, Any] = {"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run"}
-        if via_store:
-            update["weights_inline_max_bytes"] = 0
+        update: dict[str, Any] = {"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run", **overrides}
         settings = base.model_copy(update=update)
         model, _ = build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)
         readers = [
@@ -194,10 +191,16 @@ async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> No
     base = Settings(profile="tiny" if quick else "default", lora_rank=8, partitions=1)
     rounds = 3 if quick else 5
     with EmbeddedBroker() as broker:
-        full_bytes = await _one_mode(report, base, lora=False, rounds=rounds, broker=broker)
-        lora_bytes = await _one_mode(report, base, lora=True, rounds=rounds, broker=broker)
+        full_bytes = await _one_mode(report, base, "full", lora=False, rounds=rounds, broker=broker)
+        lora_bytes = await _one_mode(report, base, "lora", lora=True, rounds=rounds, broker=broker)
         # the same adapter announced by URI: what the push costs where generators share the learner's disk
-        await _one_mode(report, base, lora=True, rounds=rounds, broker=broker, via_store=True)
+        by_uri = {"weights_inline_max_bytes": 0}
+        await _one_mode(report, base, "lora via policy store", lora=True, rounds=rounds, broker=broker, **by_uri)
+        # and with generators polling the policy topic every 5 ms instead of 50 (Tansu answers a waiting
+        # fetch late; the price is idle polling, see Settings.policy_fetch_wait_ms)
+        fast = {**by_uri, "policy_fetch_wait_ms": 5}
+        label = "lora via store, 5 ms fetch wait"
+        await _one_mode(report, base, label, lora=True, rounds=rounds, broker=broker, **fast)
     report.add(
         Row(
             "LoRA payload is smaller by",

@@ -105,6 +105,7 @@ def test_weights_quick() -> None:
             "full: publish -> all 2 generators swapped",
             "lora: publish -> all 2 generators swapped",
             "lora via policy store: publish -> all 2 generators swapped",
+            "lora via store, 5 ms fetch wait: publish -> all 2 generators swapped",
             "LoRA payload is smaller by",
         },
     )

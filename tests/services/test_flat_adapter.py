@@ -1,0 +1,96 @@
+"""The LoRA adapter held in one buffer: same file bytes, same checks, one copy; any mismatch falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas import IntegrityError
+from services import _flat_adapter as flat
+from services._policy import (
+    apply_weights,
+    build_policy,
+    load_weights_blob,
+    serialize_tensors,
+    serialize_weights,
+    weights_on_cpu,
+)
+from services._settings import Settings
+
+
+def _adapter(s: Settings, seed: int = 0) -> torch.nn.Module:
+    model, _ = build_policy(s.student_model, s.cache_dir, lora=True, lora_rank=4, seed=seed)
+    return model
+
+
+def _train_a_step(model: torch.nn.Module) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+def test_the_adapter_is_one_buffer_and_its_file_is_what_safetensors_writes(tiny_settings: Settings) -> None:
+    model = _adapter(tiny_settings)
+    _train_a_step(model)  # the optimizer writes through the views: the buffer is the parameters
+    held = flat.buffer_of(model)
+    assert held is not None
+    buffer, layout = held
+    tensors = weights_on_cpu(model, True)
+    assert len(tensors) == len(layout.names) > 1
+    assert torch.equal(buffer, torch.cat([tensors[n].reshape(-1) for n in layout.names]))
+    meta = {"policy_version": "7"}
+    assert serialize_weights(model, True, meta) == serialize_tensors(tensors, meta)
+    assert serialize_weights(model, True) == serialize_tensors(tensors)
+
+
+def test_a_flat_file_is_applied_in_one_copy_with_the_same_result(tiny_settings: Settings) -> None:
+    learner, generator = _adapter(tiny_settings), _adapter(tiny_settings)
+    _train_a_step(learner)
+    parsed = load_weights_blob(serialize_weights(learner, True), generator, True)
+    assert isinstance(parsed, flat.FlatState)
+    apply_weights(generator, parsed, True)
+    mine, theirs = weights_on_cpu(learner, True), weights_on_cpu(generator, True)
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert flat.buffer_of(generator) is not None  # still views after the copy
+
+
+def test_nan_in_a_flat_file_is_refused_by_name(tiny_settings: Settings) -> None:
+    learner, generator = _adapter(tiny_settings), _adapter(tiny_settings)
+    name = sorted(weights_on_cpu(learner, True))[3]
+    with torch.no_grad():
+        dict(weights_on_cpu(learner, True))[name].view(-1)[0] = float("nan")
+    with pytest.raises(IntegrityError, match=name):
+        load_weights_blob(serialize_weights(learner, True), generator, True)
+
+
+def test_a_file_of_another_layout_goes_the_general_way(tiny_settings: Settings) -> None:
+    generator = _adapter(tiny_settings)
+    other_model, _ = build_policy(tiny_settings.student_model, tiny_settings.cache_dir, lora=True, lora_rank=2)
+    with pytest.raises(IntegrityError, match="expected"):  # shapes differ: named by the general parser
+        load_weights_blob(serialize_weights(other_model, True), generator, True)
+    # the same tensors written in another order of bytes (metadata, not layout) still parse flat
+    tensors = weights_on_cpu(generator, True)
+    assert isinstance(load_weights_blob(serialize_tensors(tensors, {"x": "y"}), generator, True), flat.FlatState)
+
+
+def test_views_broken_by_a_reassignment_fall_back_to_tensor_by_tensor(tiny_settings: Settings) -> None:
+    learner, generator = _adapter(tiny_settings), _adapter(tiny_settings)
+    _train_a_step(learner)
+    param = next(p for p in generator.parameters() if p.requires_grad)
+    param.data = param.data.clone()  # what a .to(other device) or load_state_dict(assign=True) does
+    assert flat.buffer_of(generator) is None
+    parsed = load_weights_blob(serialize_weights(learner, True), generator, True)
+    assert not isinstance(parsed, flat.FlatState)
+    apply_weights(generator, parsed, True)
+    mine, theirs = weights_on_cpu(learner, True), weights_on_cpu(generator, True)
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+
+def test_truncated_or_garbled_headers_are_integrity_errors(tiny_settings: Settings) -> None:
+    learner, generator = _adapter(tiny_settings), _adapter(tiny_settings)
+    blob = serialize_weights(learner, True)
+    for bad in (blob[:-4], blob[:6], b"\xff" * 8 + blob[8:], blob[:8] + b"[" + blob[9:]):
+        with pytest.raises(IntegrityError):
+            load_weights_blob(bad, generator, True)
