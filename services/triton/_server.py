@@ -111,7 +111,9 @@ def build_scorers(settings: Settings, models: Collection[str]) -> dict[str, tupl
     if HEADS_MODEL in models:
         from services.triton._heads import OUTPUT, PrincipleHeads
 
-        heads = PrincipleHeads.from_cache(settings.cache_dir, device=settings.device, data=settings.heads_data)
+        heads = PrincipleHeads.from_cache(
+            settings.cache_dir, device=settings.device, data=settings.heads_data, settings=settings
+        )
         scorers[HEADS_MODEL] = (_text_model(heads.score, OUTPUT), OUTPUT)
     return scorers
 

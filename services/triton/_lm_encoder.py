@@ -1,0 +1,70 @@
+"""Pair features from the judge language model itself, for the principle heads.
+
+Measured on the shipped sets (``judge_train.jsonl`` to fit, ``judge_eval.jsonl`` held out), logistic heads on
+the mean of SmolLM2-135M-Instruct's hidden states at a middle layer rank responses far better than heads on
+all-MiniLM-L6-v2 sentence embeddings: see ``docs/algorithm.md`` for the figures. A middle layer, because the
+last layers of a small LM specialise in predicting the next token, not in what the text means.
+
+The conversation is rendered the way the model was tuned to read one (its chat template, the user's request
+and the assistant's response as messages), so text inside a response stays the response's content: it cannot
+close the template's structure, it can only be read as part of the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+FEATURES = "chat-meanpool/v1"
+
+
+class LmPairEncoder:
+    """The mean over tokens of the hidden states after ``layer`` decoder layers (or all of them, for a model
+    with fewer), for (request, response) pairs. Layers above ``layer`` are dropped: they are never run."""
+
+    def __init__(self, path: Path, name: str, layer: int, device: str = "cpu", max_length: int = 384) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        self.layer = min(layer, len(model.layers))
+        model.layers = model.layers[: self.layer]
+        model.norm = torch.nn.Identity()  # the final norm belongs to the last layer's output, not this one's
+        model.config.num_hidden_layers = self.layer
+        self.model = model.to(device).eval()
+        self.device, self.max_length = device, max_length
+        self.recipe = {"encoder": f"{name}@layer{self.layer}", "features": FEATURES}
+
+    def render(self, prompt: str, response: str) -> str:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        return f"User: {prompt}\nAssistant: {response}"
+
+    @torch.inference_mode()
+    def pair_features(self, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> NDArray[np.float64]:
+        texts = [self.render(p, r) for p, r in pairs]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length pad little
+        out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float64)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            enc: Any = self.tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out[rows] = pooled.cpu().numpy()
+        return out
