@@ -1,4 +1,5 @@
-"""Principle heads (services/triton/_heads.py) on the real all-MiniLM-L6-v2 encoder from its wheel."""
+"""Principle heads (services/triton/_heads.py) on the real all-MiniLM-L6-v2 encoder from its wheel, and on the
+judge LM's hidden states (the tiny judge: plumbing)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from services.triton._heads import (
     read_examples,
     save_heads,
 )
+from tests.conftest import CACHE
 
 # A head that must learn "answers the question" (1) from "refuses a benign question" (0): separable by the
 # response text alone, so cross-validation must find it.
@@ -178,3 +180,45 @@ async def test_through_triton_a_head_scores_and_an_untrained_one_is_refused(trit
     finally:
         await judge.close()
     assert not caught.value.retriable
+
+
+def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation() -> None:
+    """Layers above ``head_layer`` are dropped, and what is left equals the full model's hidden state there
+    (before the final norm), averaged over the tokens of the rendered conversation."""
+    import torch
+    from transformers import AutoModel
+
+    from services._models import prepare_model
+    from services.triton._lm_encoder import LmPairEncoder
+
+    path = prepare_model("tiny-judge", CACHE)
+    enc = LmPairEncoder(path, "tiny-judge", layer=1)
+    assert len(enc.model.layers) == 1 and enc.recipe["encoder"] == "tiny-judge@layer1"
+    pairs = [("What is 2+2?", "4."), ("Name a colour.", "Blue, like the sky on a clear day.")]
+    got = enc.pair_features(pairs)
+    full = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+    for row, (prompt, response) in enumerate(pairs):
+        ids = enc.tokenizer(enc.render(prompt, response), return_tensors="pt")
+        with torch.no_grad():
+            hidden = full(**ids, output_hidden_states=True).hidden_states[1][0]
+        np.testing.assert_allclose(got[row], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    assert LmPairEncoder(path, "tiny-judge", layer=99).layer == len(full.layers)  # a shallower model: all of it
+
+
+def test_heads_are_served_only_with_the_features_they_were_trained_on(tmp_path: Path) -> None:
+    from services._settings import Settings
+
+    settings = Settings(profile="tiny", cache_dir=tmp_path)
+    data = _write(tmp_path / "train.jsonl", _examples())
+    scorer = PrincipleHeads.from_cache(tmp_path, data=data, settings=settings)
+    assert scorer.encoder.recipe["encoder"].startswith("tiny-judge@layer")
+    row = render_head_row(Principle(id="helpful", text="t", scorer="head"), "Hi?", "Hello!")
+    assert 0.0 < scorer.score([row])[0] < 1.0
+    trained = ensure_heads(tmp_path, data, scorer.encoder)
+    with pytest.raises(ConfigError, match="heads for"):
+        load_heads(trained, {"encoder": "all-MiniLM-L6-v2", "features": _heads.FEATURES})
+    # the MiniLM recipe is another cache entry, trained on its own
+    as_before = settings.model_copy(update={"head_encoder": "minilm"})
+    minilm = PrincipleHeads.from_cache(tmp_path, data=data, settings=as_before)
+    assert minilm.encoder.recipe == _heads.MINILM_RECIPE
+    assert ensure_heads(tmp_path, data, minilm.encoder) != trained
