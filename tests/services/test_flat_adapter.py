@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from services._policy import (
 from services._settings import Settings
 
 
-def _adapter(s: Settings, seed: int = 0) -> torch.nn.Module:
+def _adapter(s: Settings, seed: int = 0) -> Any:
     model, _ = build_policy(s.student_model, s.cache_dir, lora=True, lora_rank=4, seed=seed)
     return model
 
