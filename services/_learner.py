@@ -41,8 +41,8 @@ from services._policy import (
     apply_weights,
     build_policy,
     load_weights_blob,
-    payload_bytes,
     serialize_weights,
+    travelling_bytes,
     weights_on_cpu,
     write_blob_sha256,
     write_safetensors,
@@ -378,9 +378,10 @@ class Learner:
         """Write the weights once, durably; up to ``weights_inline_max_bytes`` they also travel inline as
         chunks. -> chunks, sha256, size."""
         metadata = {"policy_version": str(version)}
-        tensors = weights_on_cpu(self.model, self.s.lora)
-        if payload_bytes(tensors) > SMALL_PAYLOAD_BYTES:
+        # decided on the model's own tensors: the adapter is copied off a GPU once, by serialize_weights
+        if travelling_bytes(self.model, self.s.lora) > SMALL_PAYLOAD_BYTES:
             # streamed: full weights need not fit in memory twice
+            tensors = weights_on_cpu(self.model, self.s.lora)
             digest, blob = write_safetensors_sha256(tensors, path, metadata), None
         else:  # an adapter: serialized once, the same bytes hashed (during the fsync), written and chunked
             blob = serialize_weights(self.model, self.s.lora, metadata)

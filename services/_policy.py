@@ -149,6 +149,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def travelling_bytes(model: Any, lora: bool) -> int:
+    """Bytes of the tensors that travel, read from the model's own tensors (no copy off a GPU)."""
+    return payload_bytes(_live_state(model, lora))
+
+
 def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
