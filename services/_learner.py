@@ -34,7 +34,7 @@ from schemas import (
 )
 from services import _metrics as metrics
 from services._data import load_prompts
-from services._learner_algo import LossConfig, group_advantages, micro_batch_loss
+from services._learner_algo import LossConfig, group_advantages, learning_rate_at, micro_batch_loss
 from services._models import load_causal_lm
 from services._policy import (
     SMALL_PAYLOAD_BYTES,
@@ -309,11 +309,14 @@ class Learner:
                 (loss * len(chunk) / len(rows)).backward()
                 for k, v in part.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)
+            lr = learning_rate_at(st_.step, self.s.learning_rate, self.s.lr_decay_steps, self.s.lr_min_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.s.max_grad_norm
             )
             self.optimizer.step()
-            out = {**sums, "grad_norm": float(grad_norm)}
+            out = {**sums, "grad_norm": float(grad_norm), "lr": lr}
         out.update(
             {
                 "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),

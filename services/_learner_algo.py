@@ -42,6 +42,24 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     return [(r - mean) / (std + eps) for r in rewards]
 
 
+def learning_rate_at(step: int, base: float, decay_steps: int, min_ratio: float) -> float:
+    """The learning rate for optimizer step ``step`` (0-based): cosine from ``base`` down to ``base *
+    min_ratio`` over ``decay_steps`` steps, then flat; ``decay_steps=0`` keeps it constant.
+
+    Big early steps move the policy while its rewards are easy to improve; small late ones stop a noisy
+    group-normalised gradient from undoing them.
+
+    >>> learning_rate_at(0, 1e-3, 0, 0.1)
+    0.001
+    >>> [round(learning_rate_at(s, 1.0, 10, 0.2), 3) for s in (0, 5, 10, 50)]
+    [1.0, 0.6, 0.2, 0.2]
+    """
+    if decay_steps <= 0:
+        return base
+    progress = min(step, decay_steps) / decay_steps
+    return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 @dataclass(frozen=True)
 class LossConfig:
     clip_eps: float = 0.2

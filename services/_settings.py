@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     max_importance_ratio: float = 5.0
     grad_accum: int = Field(default=1, ge=1)
     max_grad_norm: float = 1.0
+    # cosine decay of learning_rate to learning_rate * lr_min_ratio over lr_decay_steps (0 = constant)
+    lr_decay_steps: int = Field(default=0, ge=0)
+    lr_min_ratio: float = Field(default=0.1, ge=0, le=1)
     checkpoint_every: int = Field(default=10, ge=1)
     # weights up to this size also travel inline on the policy topic (no shared disk needed); bigger ones, and
     # all of them at 0, are read by the generators from the policy store by URI (a shared disk or volume)
