@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from schemas import (
     new_id,
 )
 from services import _metrics as metrics
-from services._policy import apply_weights, build_policy, load_weights_blob, render_prompt
+from services._policy import apply_weights, build_policy, load_weights_blob, read_weights_file, render_prompt
 from services._proc import default_service_id, run_until_signalled
 from services._settings import Settings
 from streams import (
@@ -83,7 +84,7 @@ class Generator:
         self.device = torch.device(settings.device)
         self.model.eval()
         self.version = 0
-        self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._staged: tuple[int, Mapping[str, torch.Tensor]] | None = None
         self._staged_lock = threading.Lock()
         self._counter = 0
         self.topics = settings.topics
@@ -127,7 +128,7 @@ class Generator:
                 await self.dlq.send(record, exc)
 
     def _stage_file(self, update: PolicyUpdate, path: Path) -> None:
-        blob = path.read_bytes()
+        blob = read_weights_file(path)
         # hash and parse side by side (both mostly outside the GIL); nothing is staged unless the hash matches
         with ThreadPoolExecutor(max_workers=1) as pool:
             verified = pool.submit(verify_blob, blob, update)
@@ -138,7 +139,7 @@ class Generator:
     def _stage(self, version: int, blob: bytes) -> None:
         self._stage_tensors(version, load_weights_blob(blob, self.model, self.settings.lora), len(blob))
 
-    def _stage_tensors(self, version: int, tensors: dict[str, torch.Tensor], size: int) -> None:
+    def _stage_tensors(self, version: int, tensors: Mapping[str, torch.Tensor], size: int) -> None:
         with self._staged_lock:
             if self._staged is None or self._staged[0] < version:
                 self._staged = (version, tensors)

@@ -33,8 +33,9 @@ from schemas import (
     SchemaError,
 )
 from services import _metrics as metrics
+from services import _optim_state
 from services._data import load_prompts
-from services._learner_algo import LossConfig, group_advantages, learning_rate_at, micro_batch_loss
+from services._learner_algo import LossConfig, learning_rate_at, micro_batch_loss, step_advantages
 from services._models import load_causal_lm
 from services._policy import (
     SMALL_PAYLOAD_BYTES,
@@ -157,10 +158,14 @@ class Learner:
             tensors = {f"model.{k}": v for k, v in weights_on_cpu(self.model, self.s.lora).items()}
         else:
             meta |= {"weights_file": weights_file.name, "weights_sha256": weights_sha256}
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for name, value in st.items():
-                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
+        opt_state = self.optimizer.state_dict()["state"]
+        if sum(_nbytes(v) for st in opt_state.values() for v in st.values()) <= SMALL_PAYLOAD_BYTES:
+            packed, meta[_optim_state.LAYOUT_KEY] = _optim_state.pack(opt_state)  # a few tensors, not 720
+            tensors |= packed
+        else:  # full-weight AdamW state: tensor by tensor, never concatenated into a second copy
+            for pid, st in opt_state.items():
+                for name, value in st.items():
+                    tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
         write_safetensors(tensors, self.ckpt_path, meta)  # weights, offsets and ledger move together
         log.info("checkpoint_saved", step=st_.step, version=st_.version, offsets=st_.offsets)
 
@@ -181,10 +186,13 @@ class Learner:
             model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         apply_weights(self.model, model_state, self.s.lora)
         opt = self.optimizer.state_dict()
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                opt["state"].setdefault(int(pid), {})[name] = value
+        if _optim_state.LAYOUT_KEY in meta:
+            opt["state"] = _optim_state.unpack(tensors, meta[_optim_state.LAYOUT_KEY])
+        else:  # tensor by tensor (full weights, or a checkpoint written before the packed layout)
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    _, pid, name = key.split(".", 2)
+                    opt["state"].setdefault(int(pid), {})[name] = value
         self.optimizer.load_state_dict(opt)
         st_ = self.state
         st_.step, st_.version = int(meta["step"]), int(meta["version"])
@@ -275,7 +283,8 @@ class Learner:
     # ---- one optimizer step ------------------------------------------------------------------------
     def train_step(self, groups: list[list[JudgedRollout]]) -> dict[str, float]:
         st_, rows, advantages = self.state, [], []
-        staleness = []
+        staleness: list[int] = []
+        kept: list[list[JudgedRollout]] = []
         for members in groups:
             fresh = [m for m in members if st_.version - m.rollout.policy_version <= self.s.max_staleness]
             if len(fresh) < 2:  # one completion has no group to be compared with
@@ -285,10 +294,12 @@ class Learner:
             st_.dropped.update(stale)
             if not fresh:  # a wholly stale group teaches nothing (and has no mean to normalise by)
                 continue
-            for m, a in zip(fresh, group_advantages([m.reward for m in fresh]), strict=True):
-                rows.append(m)
-                advantages.append(a)
-                staleness.append(st_.version - m.rollout.policy_version)
+            kept.append(fresh)
+            staleness.extend(st_.version - m.rollout.policy_version for m in fresh)
+        scaled = step_advantages([[m.reward for m in g] for g in kept], self.s.advantage_scale)
+        for fresh, group_adv in zip(kept, scaled, strict=True):
+            rows.extend(fresh)
+            advantages.extend(group_adv)
         out: dict[str, float] = {}
         if rows:
             self.optimizer.zero_grad(set_to_none=True)
@@ -460,6 +471,10 @@ class Learner:
 
 def run(settings: Settings) -> None:
     run_until_signalled(lambda: Learner(settings))
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 8
 
 
 def newest_policy_version(store: Path) -> int:

@@ -42,6 +42,29 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     return [(r - mean) / (std + eps) for r in rewards]
 
 
+def step_advantages(groups: Sequence[Sequence[float]], scale: str = "group", eps: float = 1e-6) -> list[list[float]]:
+    """Advantages of one step's groups: each reward minus its group's mean, divided by a standard deviation.
+
+    ``scale="group"`` divides by the group's own (GRPO, :func:`group_advantages`). ``scale="step"`` divides by
+    the within-group deviation pooled over the step: a group whose completions score within the judge's noise
+    of each other then teaches little, instead of having that noise stretched to +-1 (on SmolLM2, a quarter of
+    the groups spread less than 0.03 in reward).
+
+    >>> [[round(a, 2) for a in g] for g in step_advantages([[1.0, 0.0], [0.51, 0.49]], "group")]
+    [[1.0, -1.0], [1.0, -1.0]]
+    >>> [[round(a, 2) for a in g] for g in step_advantages([[1.0, 0.0], [0.51, 0.49]], "step")]
+    [[1.41, -1.41], [0.03, -0.03]]
+    """
+    if scale == "group":
+        return [group_advantages(g, eps) for g in groups]
+    if scale != "step":
+        raise ValueError(f"advantage scale must be 'group' or 'step', not {scale!r}")
+    centred = [[r - sum(g) / len(g) for r in g] if g else [] for g in groups]
+    n = sum(len(g) for g in centred)
+    pooled = math.sqrt(sum(c * c for g in centred for c in g) / n) if n else 0.0
+    return [[c / (pooled + eps) for c in g] for g in centred]
+
+
 def learning_rate_at(step: int, base: float, decay_steps: int, min_ratio: float) -> float:
     """The learning rate for optimizer step ``step`` (0-based): cosine from ``base`` down to ``base *
     min_ratio`` over ``decay_steps`` steps, then flat; ``decay_steps=0`` keeps it constant.

@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     max_importance_ratio: float = 5.0
     grad_accum: int = Field(default=1, ge=1)
     max_grad_norm: float = 1.0
+    # divide group-centred rewards by each group's std ("group", GRPO) or by the step's pooled one ("step")
+    advantage_scale: Literal["group", "step"] = "group"
     # cosine decay of learning_rate to learning_rate * lr_min_ratio over lr_decay_steps (0 = constant)
     lr_decay_steps: int = Field(default=0, ge=0)
     lr_min_ratio: float = Field(default=0.1, ge=0, le=1)

@@ -14,7 +14,7 @@ from schemas import IntegrityError, PolicyChunk, PolicyUpdate
 DEFAULT_CHUNK_BYTES = 512 * 1024  # well under Apache Kafka's default 1 MB message limit after base64
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -62,7 +62,7 @@ class ChunkAssembler:
         return blob
 
 
-def verify_blob(blob: bytes, update: PolicyUpdate) -> None:
+def verify_blob(blob: bytes | bytearray, update: PolicyUpdate) -> None:
     """Refuse truncated or altered weights.
 
     >>> u = PolicyUpdate(policy_version=1, learner_step=1, base_model="m", kind="full",

@@ -27,7 +27,7 @@ import torch
 from services._broker import EmbeddedBroker
 from services._generator import Generator
 from services._learner import Learner, LearnerState, checkpoint_path
-from services._policy import apply_weights, build_policy, load_weights_blob, serialize_weights
+from services._policy import apply_weights, build_policy, load_weights_blob, read_weights_file, serialize_weights
 from services._settings import Settings
 from services.bench._common import Report, Row
 from streams import KafkaConfig, Publisher, ensure_topics
@@ -128,7 +128,7 @@ def _disk_round(settings: Settings, model: Any, readers: list[Any], version: int
     io_s = time.perf_counter() - io_started
     for reader in readers:
         read_started = time.perf_counter()
-        data = path.read_bytes()
+        data = read_weights_file(path)  # as the generators read it
         io_s += time.perf_counter() - read_started
         apply_weights(reader, load_weights_blob(data, reader, settings.lora), settings.lora)
     full = time.perf_counter() - started

@@ -6,13 +6,16 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 
 from schemas import IntegrityError
 from services import _flat_adapter as flat
+from services import _optim_state
 from services._policy import (
     apply_weights,
     build_policy,
     load_weights_blob,
+    read_weights_file,
     serialize_tensors,
     serialize_weights,
     weights_on_cpu,
@@ -96,3 +99,39 @@ def test_truncated_or_garbled_headers_are_integrity_errors(tiny_settings: Settin
     for bad in (blob[:-4], blob[:6], b"\xff" * 8 + blob[8:], blob[:8] + b"[" + blob[9:]):
         with pytest.raises(IntegrityError):
             load_weights_blob(bad, generator, True)
+
+
+def test_a_flat_state_reads_like_the_safetensors_parse_and_aliases_a_writable_file(
+    tiny_settings: Settings, tmp_path: Any
+) -> None:
+    learner, generator = _adapter(tiny_settings), _adapter(tiny_settings)
+    _train_a_step(learner)
+    path = tmp_path / "v1.safetensors"
+    path.write_bytes(serialize_weights(learner, True))
+    blob = read_weights_file(path)
+    assert isinstance(blob, bytearray)  # small: read into a writable buffer
+    parsed = load_weights_blob(blob, generator, True)
+    assert isinstance(parsed, flat.FlatState)
+    expected = st_load(bytes(blob))
+    assert list(parsed) == sorted(expected) and len(parsed) == len(expected)
+    assert all(torch.equal(parsed[n], expected[n]) and parsed[n].shape == expected[n].shape for n in expected)
+    # parsed in place: the tensor is the file's buffer, not a copy of it
+    assert parsed.flat.data_ptr() == torch.frombuffer(blob, dtype=torch.uint8)[-parsed.flat.nbytes :].data_ptr()
+
+
+def test_the_packed_optimizer_state_restores_adamw_exactly(tiny_settings: Settings) -> None:
+    model = _adapter(tiny_settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    state = opt.state_dict()
+    tensors, layout = _optim_state.pack(state["state"])
+    assert len(tensors) == 3  # step, exp_avg, exp_avg_sq: not 3 per parameter
+    restored = torch.optim.AdamW(params, lr=1e-2)
+    restored.load_state_dict({**state, "state": _optim_state.unpack(st_load(serialize_tensors(tensors)), layout)})
+    for pid, st in state["state"].items():
+        for name, value in st.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored.state_dict()["state"][pid][name]))

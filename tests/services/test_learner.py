@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -87,11 +89,13 @@ async def test_learner_steps_pushes_dedupes_and_resumes(tiny_settings: Settings)
         assert done.state.step == 3 and done.state.counters == resumed.state.counters
 
 
-def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings) -> None:
-    """One real gradient step moves probability towards the better completion of a group."""
+@pytest.mark.parametrize("scale", ["group", "step"])
+def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings, scale: str) -> None:
+    """One real gradient step moves probability towards the better completion of a group, whichever std
+    scales the advantages."""
     from services._learner_algo import completion_logprobs
 
-    s = tiny_settings.model_copy(update={"learning_rate": 1e-2, "kl_coef": 0.0})
+    s = tiny_settings.model_copy(update={"learning_rate": 1e-2, "kl_coef": 0.0, "advantage_scale": scale})
     learner = Learner(s)
     events = judged_groups(s, 1)
     rewards = [1.0] + [0.0] * (len(events) - 1)
@@ -130,6 +134,28 @@ def test_checkpoint_after_a_push_refers_to_the_policy_file(tiny_settings: Settin
     path.write_bytes(path.read_bytes()[:-8])  # a damaged policy file must not be trained on silently
     with pytest.raises(IntegrityError):
         Learner(tiny_settings)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-optimizer-state", "tensor-by-tensor"])
+def test_a_restart_resumes_adamw_exactly(tiny_settings: Settings, monkeypatch: Any, packed: bool) -> None:
+    """A small optimizer state is checkpointed as a few packed tensors, a big one tensor by tensor; both come
+    back as the same AdamW moments and step counts."""
+    import services._learner as learner_module
+
+    if not packed:  # as for full weights beyond the small-payload limit
+        monkeypatch.setattr(learner_module, "SMALL_PAYLOAD_BYTES", 0)
+    learner = Learner(tiny_settings)
+    for n_groups in (1, 2):  # two optimizer steps
+        learner.train_step([judged_groups(tiny_settings, n_groups)])
+    learner.save_checkpoint()
+    keys = [k for k in load_file(learner.ckpt_path) if k.startswith("optim.")]
+    assert all(k.startswith("optim.flat.") for k in keys) == packed and keys
+
+    want, got = learner.optimizer.state_dict(), Learner(tiny_settings).optimizer.state_dict()
+    assert want["state"].keys() == got["state"].keys()
+    for pid, st in want["state"].items():
+        for name, value in st.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["state"][pid][name])), (pid, name)
 
 
 def test_versions_continue_after_the_newest_policy_file(tiny_settings: Settings) -> None:
