@@ -34,9 +34,10 @@ def pack(state: dict[int, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], str
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[list[int]]] = {}
     for name in names:
-        parts = [torch.as_tensor(state[pid][name]).detach().to("cpu") for pid in pids]
+        parts = [torch.as_tensor(state[pid][name]) for pid in pids]
         shapes[name] = [list(p.shape) for p in parts]
-        tensors[PREFIX + name] = torch.cat([p.reshape(-1) for p in parts]) if parts else torch.empty(0)
+        packed = torch.cat([p.reshape(-1) for p in parts]) if parts else torch.empty(0)
+        tensors[PREFIX + name] = packed.detach().to("cpu")  # one copy off a GPU, not 240
     return tensors, json.dumps({"pids": pids, "shapes": shapes}, separators=(",", ":"))
 
 

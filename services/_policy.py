@@ -140,11 +140,15 @@ def write_weights(model: Any, lora: bool, path: Path, metadata: dict[str, str] |
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
     """Atomic and durable: readers see the old file or the whole new one, also after a power cut.
 
-    A small file (an adapter, a LoRA checkpoint's ~700 optimizer tensors) is built in memory by the fast
-    writer; a big one is streamed by safetensors tensor by tensor.
+    A small file of one dtype (a LoRA checkpoint) is written straight from the tensors' memory; another small
+    one is built in memory by the fast writer; a big one is streamed by safetensors tensor by tensor.
     """
     if payload_bytes(tensors) <= SMALL_PAYLOAD_BYTES:
-        write_blob(serialize_tensors(tensors, metadata), path)
+        layout = _flat.cpu_layout(tensors)
+        if layout is not None:
+            _replace_durably(path, lambda tmp: _flat.write_file(tmp, layout, tensors, metadata))
+        else:
+            write_blob(serialize_tensors(tensors, metadata), path)
     else:
         _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

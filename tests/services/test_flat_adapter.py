@@ -135,3 +135,12 @@ def test_the_packed_optimizer_state_restores_adamw_exactly(tiny_settings: Settin
     for pid, st in state["state"].items():
         for name, value in st.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored.state_dict()["state"][pid][name]))
+
+
+def test_tensors_written_straight_from_memory_are_what_safetensors_writes(tmp_path: Any) -> None:
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.tensor(3.0), "c": torch.empty(0), "d": torch.ones(2)[::1]}
+    layout = flat.cpu_layout(tensors)
+    assert layout is not None
+    flat.write_file(tmp_path / "x.safetensors", layout, tensors, {"step": "4"})
+    assert (tmp_path / "x.safetensors").read_bytes() == serialize_tensors(tensors, {"step": "4"})
+    assert flat.cpu_layout({"a": torch.ones(2), "n": torch.arange(2)}) is None  # two dtypes: the general writer
