@@ -2,20 +2,23 @@
 
 The project path is the real one: ``Learner.publish_policy`` after a real AdamW step (weights written once,
 durably, into the policy store; PolicyUpdate + PolicyChunks on the policy topic, or a URI above the inline
-limit; then the checkpoint with the AdamW state, which refers to that file) and two in-process
-:class:`~services._generator.Generator` objects running ``follow_policy`` (assemble, verify, ``_stage``) and
-``_swap_if_staged``. The baseline does the same work with a shared disk as the transport: serialize, write +
-fsync, then per generator read + parse/validate (``load_weights_blob``) + ``apply_weights``. Every round
-pushes over the bus and then runs the baseline on the same bytes, so the two are measured side by side; the
-ratio is bus / disk for the same bytes and the same number of readers, for full weights and the LoRA adapter.
+limit; then the checkpoint with the AdamW state, which refers to that file) and two generator processes, as
+``rlaif up`` runs them (:mod:`services.bench._weights_follower`: a real :class:`~services._generator.Generator`
+running ``follow_policy`` (assemble, verify, ``_stage``) and ``_swap_if_staged``). The baseline does the
+same work with a shared disk as the transport: serialize, write + fsync, then per generator read +
+parse/validate (``load_weights_blob``) + ``apply_weights``. Every round pushes over the bus and then runs the
+baseline on the same bytes, so the two are measured side by side; the ratio is bus / disk for the same bytes
+and the same number of readers, for full weights and the LoRA adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -25,11 +28,11 @@ from typing import Any
 import torch
 
 from services._broker import EmbeddedBroker
-from services._generator import Generator
 from services._learner import Learner, LearnerState, checkpoint_path
 from services._policy import apply_weights, build_policy, load_weights_blob, read_weights_file, serialize_weights
 from services._settings import Settings
 from services.bench._common import Report, Row
+from services.bench._weights_follower import MARK
 from streams import KafkaConfig, Publisher, ensure_topics
 
 N_GENERATORS = 2
@@ -60,41 +63,78 @@ def _optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scale: float =
     optimizer.zero_grad(set_to_none=True)
 
 
+async def _start_followers(settings: Settings) -> list[asyncio.subprocess.Process]:
+    """The generator processes, each ready (model loaded, following the policy topic)."""
+    procs = []
+    for i in range(N_GENERATORS):
+        env = {**os.environ, **settings.model_copy(update={"service_id": f"bench-gen-{i}"}).env()}
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.bench._weights_follower", env=env, stdout=asyncio.subprocess.PIPE
+            )
+        )
+    try:
+        for proc in procs:
+            while "ready" not in await _next_said(proc):
+                continue
+    except BaseException:
+        await _stop(procs)
+        raise
+    return procs
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def _next_said(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    """The follower's next line of its own (log lines are skipped); EOF means it died."""
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"weights follower exited with {await proc.wait()}")
+        with contextlib.suppress(ValueError):
+            said = json.loads(line)
+            if isinstance(said, dict) and said.get(MARK):
+                return said
+
+
 async def _rounds(settings: Settings, model: Any, readers: list[Any], rounds: int, root: Path) -> dict[str, Any]:
     """Round by round, side by side: a push over the bus, then the disk transport with the same bytes."""
     shell = _publisher_shell(settings, model)
     await ensure_topics(settings.kafka, settings.topics.specs())
     await shell.publisher.start()
-    gens = [Generator(settings.model_copy(update={"service_id": f"bench-gen-{i}"})) for i in range(N_GENERATORS)]
+    procs = await _start_followers(settings)
     swapped_at: dict[tuple[int, int], float] = {}
-    stop = asyncio.Event()
 
-    async def serve(i: int, gen: Generator) -> None:
-        # what the prompt loop does between two generations, polled every millisecond
-        while not stop.is_set():
-            before = gen.version
-            gen._swap_if_staged()
-            if gen.version != before:
-                swapped_at[(i, gen.version)] = time.perf_counter()
-            await asyncio.sleep(0.001)
+    async def listen(i: int, proc: asyncio.subprocess.Process) -> None:
+        while True:
+            said = await _next_said(proc)
+            swapped_at[(i, said["version"])] = said["at"]
 
-    tasks = [asyncio.create_task(g.follow_policy()) for g in gens]
-    tasks += [asyncio.create_task(serve(i, g)) for i, g in enumerate(gens)]
+    listeners = [asyncio.create_task(listen(i, p)) for i, p in enumerate(procs)]
     out: dict[str, Any] = {k: [] for k in ("bus_all_swapped_s", "bus_first_swapped_s", "disk_all_applied_s")}
     out["disk_io_only_s"] = []
     try:
-        for version in range(1, rounds + 1):
+        # version 1 warms the followers' fetch sessions and is not measured
+        for version in range(1, rounds + 2):
             _optimizer_step(model, shell.optimizer)
-            started = time.perf_counter()
+            started = time.monotonic()  # the followers' clock
             await shell.publish_policy({"bench": 1.0})
             deadline = started + 300
             while not all((i, version) in swapped_at for i in range(N_GENERATORS)):
-                for t in tasks:
+                for t in listeners:
                     if t.done():
                         t.result()
-                if time.perf_counter() > deadline:
+                if time.monotonic() > deadline:
                     raise TimeoutError(f"generators did not swap to v{version} within 300 s")
                 await asyncio.sleep(0.001)
+            if version == 1:
+                continue
             times = [swapped_at[(i, version)] - started for i in range(N_GENERATORS)]
             out["bus_all_swapped_s"].append(max(times))
             out["bus_first_swapped_s"].append(min(times))
@@ -102,12 +142,9 @@ async def _rounds(settings: Settings, model: Any, readers: list[Any], rounds: in
             out["disk_all_applied_s"].append(disk_all)
             out["disk_io_only_s"].append(disk_io)
     finally:
-        stop.set()
-        for t in tasks:
+        for t in listeners:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await _stop(procs)
         await shell.publisher.stop()
     size = len(serialize_weights(model, settings.lora))
     out["transport"] = "chunks" if size <= settings.weights_inline_max_bytes else "uri"
