@@ -136,6 +136,14 @@ def test_checkpoint_after_a_push_refers_to_the_policy_file(tiny_settings: Settin
         Learner(tiny_settings)
 
 
+def test_the_learning_rate_follows_its_schedule_step_by_step(tiny_settings: Settings) -> None:
+    s = tiny_settings.model_copy(update={"learning_rate": 1e-3, "lr_decay_steps": 2, "lr_min_ratio": 0.5})
+    learner = Learner(s)
+    used = [learner.train_step([judged_groups(s, 1)])["lr"] for _ in range(4)]
+    assert used == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.5e-3])
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed-optimizer-state", "tensor-by-tensor"])
 def test_a_restart_resumes_adamw_exactly(tiny_settings: Settings, monkeypatch: Any, packed: bool) -> None:
     """A small optimizer state is checkpointed as a few packed tensors, a big one tensor by tensor; both come
