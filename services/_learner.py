@@ -158,14 +158,9 @@ class Learner:
             tensors = {f"model.{k}": v for k, v in weights_on_cpu(self.model, self.s.lora).items()}
         else:
             meta |= {"weights_file": weights_file.name, "weights_sha256": weights_sha256}
-        opt_state = self.optimizer.state_dict()["state"]
-        if sum(_nbytes(v) for st in opt_state.values() for v in st.values()) <= SMALL_PAYLOAD_BYTES:
-            packed, meta[_optim_state.LAYOUT_KEY] = _optim_state.pack(opt_state)  # a few tensors, not 720
-            tensors |= packed
-        else:  # full-weight AdamW state: tensor by tensor, never concatenated into a second copy
-            for pid, st in opt_state.items():
-                for name, value in st.items():
-                    tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
+        optim_tensors, optim_meta = _optim_state.to_checkpoint(self.optimizer.state_dict()["state"])
+        tensors |= optim_tensors  # a LoRA adapter's AdamW state: 3 packed tensors, not 720
+        meta |= optim_meta
         write_safetensors(tensors, self.ckpt_path, meta)  # weights, offsets and ledger move together
         log.info("checkpoint_saved", step=st_.step, version=st_.version, offsets=st_.offsets)
 
@@ -186,13 +181,7 @@ class Learner:
             model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         apply_weights(self.model, model_state, self.s.lora)
         opt = self.optimizer.state_dict()
-        if _optim_state.LAYOUT_KEY in meta:
-            opt["state"] = _optim_state.unpack(tensors, meta[_optim_state.LAYOUT_KEY])
-        else:  # tensor by tensor (full weights, or a checkpoint written before the packed layout)
-            for key, value in tensors.items():
-                if key.startswith("optim."):
-                    _, pid, name = key.split(".", 2)
-                    opt["state"].setdefault(int(pid), {})[name] = value
+        opt["state"] = _optim_state.from_checkpoint(tensors, meta)
         self.optimizer.load_state_dict(opt)
         st_ = self.state
         st_.step, st_.version = int(meta["step"]), int(meta["version"])
@@ -471,10 +460,6 @@ class Learner:
 
 def run(settings: Settings) -> None:
     run_until_signalled(lambda: Learner(settings))
-
-
-def _nbytes(value: Any) -> int:
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 8
 
 
 def newest_policy_version(store: Path) -> int:

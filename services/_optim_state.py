@@ -13,8 +13,35 @@ from typing import Any
 
 import torch
 
+from services._policy import SMALL_PAYLOAD_BYTES
+
 PREFIX = "optim.flat."
 LAYOUT_KEY = "optim_layout"
+
+
+def to_checkpoint(state: dict[int, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state as checkpoint tensors and metadata: packed up to the small-payload limit; above it (full-weight
+    AdamW moments) tensor by tensor, never concatenated into a second copy."""
+    if sum(_nbytes(v) for st in state.values() for v in st.values()) <= SMALL_PAYLOAD_BYTES:
+        tensors, layout = pack(state)
+        return tensors, {LAYOUT_KEY: layout}
+    return {
+        f"optim.{pid}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
+        for pid, st in state.items()
+        for name, value in st.items()
+    }, {}
+
+
+def from_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[int, dict[str, torch.Tensor]]:
+    """The state :func:`to_checkpoint` wrote (also a checkpoint from before the packed layout)."""
+    if LAYOUT_KEY in meta:
+        return unpack(tensors, meta[LAYOUT_KEY])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    return state
 
 
 def pack(state: dict[int, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], str]:
@@ -51,6 +78,10 @@ def unpack(tensors: dict[str, torch.Tensor], layout: str) -> dict[int, dict[str,
         for pid, part, shape in zip(pids, torch.split(tensors[PREFIX + name], sizes), shapes, strict=True):
             out[pid][name] = part.view(shape)
     return out
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 8
 
 
 def _numel(shape: list[int]) -> int:

@@ -148,10 +148,10 @@ def test_the_learning_rate_follows_its_schedule_step_by_step(tiny_settings: Sett
 def test_a_restart_resumes_adamw_exactly(tiny_settings: Settings, monkeypatch: Any, packed: bool) -> None:
     """A small optimizer state is checkpointed as a few packed tensors, a big one tensor by tensor; both come
     back as the same AdamW moments and step counts."""
-    import services._learner as learner_module
+    from services import _optim_state
 
     if not packed:  # as for full weights beyond the small-payload limit
-        monkeypatch.setattr(learner_module, "SMALL_PAYLOAD_BYTES", 0)
+        monkeypatch.setattr(_optim_state, "SMALL_PAYLOAD_BYTES", 0)
     learner = Learner(tiny_settings)
     for n_groups in (1, 2):  # two optimizer steps
         learner.train_step([judged_groups(tiny_settings, n_groups)])
