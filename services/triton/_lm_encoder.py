@@ -51,13 +51,14 @@ class LmPairEncoder:
 
     @torch.inference_mode()
     def pair_features(self, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> NDArray[np.float64]:
+        # Every distinct conversation once: a rollout's rows for the different heads carry the same (request,
+        # response), and the judge LM's forward is nearly all of the cost: without this, 4 forwards of one text.
         texts = [self.render(p, r) for p, r in pairs]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length pad little
-        out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float64)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        distinct = sorted(set(texts), key=len)  # batches of similar length pad little
+        out = np.empty((len(distinct), self.model.config.hidden_size), dtype=np.float64)
+        for start in range(0, len(distinct), batch_size):
             enc: Any = self.tokenizer(
-                [texts[i] for i in rows],
+                distinct[start : start + batch_size],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -66,5 +67,6 @@ class LmPairEncoder:
             hidden = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out[rows] = pooled.cpu().numpy()
-        return out
+            out[start : start + len(pooled)] = pooled.cpu().numpy()
+        row = {text: i for i, text in enumerate(distinct)}
+        return out[[row[t] for t in texts]] if texts else out

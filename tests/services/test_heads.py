@@ -205,6 +205,25 @@ def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation() ->
     assert LmPairEncoder(path, "tiny-judge", layer=99).layer == len(full.layers)  # a shallower model: all of it
 
 
+def test_the_judge_lm_encoder_runs_each_distinct_conversation_once() -> None:
+    """A rollout's rows for several heads share one (request, response): the LM reads it once, and every row
+    gets the same features as when it is encoded alone."""
+    from services._models import prepare_model
+    from services.triton._lm_encoder import LmPairEncoder
+
+    enc = LmPairEncoder(prepare_model("tiny-judge", CACHE), "tiny-judge", layer=1)
+    rows_read: list[int] = []
+    enc.model.register_forward_hook(
+        lambda _m, args, kwargs, _out: rows_read.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    a, b = ("What is 2+2?", "4."), ("Name a colour.", "Blue.")
+    got = enc.pair_features([a, b, a, a, b])
+    assert sum(rows_read) == 2
+    np.testing.assert_allclose(got, enc.pair_features([a, b])[[0, 1, 0, 0, 1]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0], enc.pair_features([a])[0], rtol=1e-4, atol=1e-5)
+    assert enc.pair_features([]).shape == (0, enc.model.config.hidden_size)
+
+
 def test_heads_are_served_only_with_the_features_they_were_trained_on(tmp_path: Path) -> None:
     from services._settings import Settings
 
