@@ -35,7 +35,13 @@ from schemas import (
 from services import _metrics as metrics
 from services import _optim_state
 from services._data import load_prompts
-from services._learner_algo import LossConfig, learning_rate_at, micro_batch_loss, step_advantages
+from services._learner_algo import (
+    LossConfig,
+    learning_rate_at,
+    micro_batch_loss,
+    share_prompts_by_default,
+    step_advantages,
+)
 from services._models import load_causal_lm
 from services._policy import (
     SMALL_PAYLOAD_BYTES,
@@ -116,6 +122,10 @@ class Learner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
         self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)
+        share = settings.learner_share_prompts
+        self.share_prompts = (
+            share_prompts_by_default(settings.device, settings.torch_threads) if share is None else share
+        )
         self.state = LearnerState()
         self.ckpt_path = checkpoint_path(settings.run_dir)
         self.policy_store = (settings.run_dir / "policy").resolve()
@@ -305,6 +315,7 @@ class Learner:
                     self.tokenizer.pad_token_id,
                     chunk[0].rollout.sampling.temperature,
                     self.loss_cfg,
+                    self.share_prompts,
                 )
                 (loss * len(chunk) / len(rows)).backward()
                 for k, v in part.items():

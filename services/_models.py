@@ -5,6 +5,9 @@
 - ``tiny-llama`` / ``tiny-judge``: 2-layer random Llama models with a BPE tokenizer trained in-process on the
   project's prompts — for plumbing tests only, never the default profile. Seeds make them identical in every
   process.
+
+The LoRA layout (:func:`with_lora`) lives here too: the learner, the generators and the compute bench build the
+same adapter, and the bench runs where the Kafka stack is not installed.
 """
 
 from __future__ import annotations
@@ -174,3 +177,15 @@ def load_causal_lm(name: str, cache_dir: Path, *, dtype: torch.dtype = torch.flo
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model, tok
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def with_lora(model: Any, lora_rank: int, seed: int = 0) -> Any:
+    """The project's LoRA adapter (rank r, alpha 2r, on q,k,v,o) around ``model``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # identical adapter init everywhere (B = 0, so v0 == the base model)
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    return get_peft_model(model, config)

@@ -23,10 +23,8 @@ from safetensors.torch import save_file
 
 from schemas import IntegrityError
 from services import _flat_adapter as _flat
-from services._models import load_causal_lm
+from services._models import load_causal_lm, with_lora
 from streams import file_sha256, sha256_hex
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def build_policy(
@@ -41,15 +39,6 @@ def build_policy(
     if lora:
         _flat.flatten(model, _travelling(model, lora=True))
     return model, tok
-
-
-def with_lora(model: Any, lora_rank: int, seed: int = 0) -> Any:
-    """The project's LoRA adapter (rank r, alpha 2r, on q,k,v,o) around ``model``."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)  # identical adapter init everywhere (B = 0, so v0 == the base model)
-    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    return get_peft_model(model, config)
 
 
 _TRAVELLING: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # cosine decay of learning_rate to learning_rate * lr_min_ratio over lr_decay_steps (0 = constant)
     lr_decay_steps: int = Field(default=0, ge=0)
     lr_min_ratio: float = Field(default=0.1, ge=0, le=1)
+    # completions of one prompt share its forward pass (fewer tokens) or the step is one padded batch (fewer
+    # forwards); unset = share on a CPU with torch_threads <= 2 only (``share_prompts_by_default``)
+    learner_share_prompts: bool | None = None
     checkpoint_every: int = Field(default=10, ge=1)
     # weights up to this size also travel inline on the policy topic (no shared disk needed); bigger ones, and
     # all of them at 0, are read by the generators from the policy store by URI (a shared disk or volume)

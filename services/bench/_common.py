@@ -112,7 +112,7 @@ def realistic_rollout(
         prompt_id=f"bench-{seq}",
         prompt=prompt,
         completion=completion,
-        prompt_token_ids=[(i * 7919 + seq) % 49152 for i in range(prompt_tokens)],
+        prompt_token_ids=[(i * 7919 + group) % 49152 for i in range(prompt_tokens)],
         completion_token_ids=[(i * 104729 + seq) % 49152 for i in range(completion_tokens)],
         behaviour_logprobs=[-((i % 13) + 1) * 0.173 for i in range(completion_tokens)],
         policy_version=seq % 7,

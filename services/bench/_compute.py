@@ -10,9 +10,13 @@ generator's sampling run on a device, and what batching buys the judge there.
   share the instructions, the principle and the prompt.
 - **learner step**: seconds per optimizer step over ``groups_per_step x group_size`` rollouts of the default
   profile's size, with the learner's own math (:func:`micro_batch_loss`: policy and reference passes and the
-  clipped loss; then gradient clipping and AdamW), LoRA and full-weight.
+  clipped loss; then gradient clipping and AdamW), LoRA and full-weight, run as the learner would run it on
+  this device and thread count (:func:`share_prompts_by_default`); the LoRA step is also timed the other way.
 - **generator**: completion tokens/s for one group (G samples of ``max_new_tokens``) with the generator's
   sampling settings.
+- **judge heads encoder** (:class:`~services.triton._lm_encoder.LmPairEncoder`, what ``principle_heads``
+  runs for the default constitution): rollouts/s when a batch of rollouts' head rows (one per head principle,
+  as the judge client sends them) is encoded at once, against one rollout's rows at a time.
 
 With ``--device cuda`` the same measurements also run on the CPU in the same process, and GPU/CPU ratios are
 reported. ``--random-weights`` (for a machine that cannot install the model wheels) builds the default
@@ -38,10 +42,10 @@ from typing import Any
 import torch
 
 from schemas import Constitution, render_judge_question
-from services._learner_algo import LossConfig, group_advantages, micro_batch_loss
-from services._models import load_tokenizer
-from services._policy import with_lora
+from services._learner_algo import LossConfig, group_advantages, micro_batch_loss, share_prompts_by_default
+from services._models import load_tokenizer, with_lora
 from services.bench._common import Report, Row, realistic_rollout
+from services.triton._lm_encoder import LmPairEncoder
 from services.triton._scorers import LlmJudge
 
 
@@ -49,13 +53,15 @@ from services.triton._scorers import LlmJudge
 class Shape:
     """The default profile's sizes (``services._settings.PROFILES["default"]``)."""
 
-    groups_per_step: int = 2
+    groups_per_step: int = 4
     group_size: int = 4
     prompt_tokens: int = 60
     completion_tokens: int = 40
     max_new_tokens: int = 40
     lora_rank: int = 8
     judge_rollouts: int = 16
+    head_layer: int = 20
+    head_principles: int = 4
 
 
 @dataclass
@@ -150,7 +156,9 @@ def measure_judge(models: Models, questions: list[str], device: str, repeats: in
     return out
 
 
-def measure_learner_step(models: Models, shape: Shape, device: str, lora: bool, repeats: int) -> dict[str, float]:
+def measure_learner_step(
+    models: Models, shape: Shape, device: str, lora: bool, repeats: int, share_prompts: bool
+) -> dict[str, float]:
     model, tok = models.load("student", device)
     reference = None
     if lora:
@@ -174,7 +182,7 @@ def measure_learner_step(models: Models, shape: Shape, device: str, lora: bool, 
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = micro_batch_loss(model, reference, seqs, None, advantages, pad, 1.0, LossConfig())
+        loss, _ = micro_batch_loss(model, reference, seqs, None, advantages, pad, 1.0, LossConfig(), share_prompts)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -211,15 +219,45 @@ def measure_generator(models: Models, shape: Shape, device: str, repeats: int) -
     return {"group_s": seconds, "tokens_per_s": shape.group_size * shape.max_new_tokens / seconds}
 
 
+def measure_heads_encoder(models: Models, shape: Shape, device: str, repeats: int) -> dict[str, float]:
+    model, tok = models.load("judge", device)
+    encoder = LmPairEncoder(model.model, tok, "judge", shape.head_layer, device)
+    rollouts = [
+        realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
+        for i in range(shape.judge_rollouts)
+    ]
+    rows = [[(r.prompt, r.completion)] * shape.head_principles for r in rollouts]
+
+    def one_rollout_at_a_time() -> None:
+        for rollout_rows in rows:
+            encoder.pair_features(rollout_rows)
+
+    def batched() -> None:
+        encoder.pair_features([row for rollout_rows in rows for row in rollout_rows])
+
+    return {
+        "rollouts": float(len(rows)),
+        "rows_per_rollout": float(shape.head_principles),
+        "layers": float(encoder.layer),
+        "unbatched_s": _best_seconds(one_rollout_at_a_time, device, repeats),
+        "batched_s": _best_seconds(batched, device, repeats),
+    }
+
+
 def measure(
     models: Models, constitution: Constitution, shape: Shape, device: str, repeats: int, cpu_threads: int | None
 ) -> dict[str, Any]:
     with _threads(device, cpu_threads):
+        share = share_prompts_by_default(device, torch.get_num_threads())
         return {
             "judge": measure_judge(models, judge_questions(constitution, shape), device, repeats),
-            "learner_lora": measure_learner_step(models, shape, device, lora=True, repeats=repeats),
-            "learner_full": measure_learner_step(models, shape, device, lora=False, repeats=repeats),
+            # the learner's default on this device first (Learner.share_prompts), then the other way
+            "learner_lora": measure_learner_step(models, shape, device, True, repeats, share_prompts=share),
+            "learner_full": measure_learner_step(models, shape, device, False, repeats, share_prompts=share),
+            "learner_lora_other": measure_learner_step(models, shape, device, True, repeats, share_prompts=not share),
+            "learner_shares_prompts": share,
             "generator": measure_generator(models, shape, device, repeats),
+            "heads_encoder": measure_heads_encoder(models, shape, device, repeats),
         }
 
 
@@ -260,8 +298,31 @@ def fill_report(report: Report, results: dict[str, dict[str, Any]], device: str)
                 note=f"{int(step['rollouts'])} rollouts, {step['tokens_per_s']:.0f} tokens/s",
             )
         )
+    other = m["learner_lora_other"]
+    default_way, other_way = ("prompts shared", "padded batch")[:: 1 if m["learner_shares_prompts"] else -1]
+    report.add(
+        Row(
+            f"learner step, lora, {other_way} ({device})",
+            other["step_s"],
+            m["learner_lora"]["step_s"],
+            "s/step",
+            ratio_meaning=f"vs the default here ({default_way})",
+            note="the learner's other way of running a step (learner_share_prompts)",
+        )
+    )
     report.add(
         Row(f"generator ({device})", m["generator"]["tokens_per_s"], None, "tokens/s", note="one group of G samples")
+    )
+    h = m["heads_encoder"]
+    report.add(
+        Row(
+            f"judge heads encoder, batch ({device})",
+            h["rollouts"] / h["batched_s"],
+            h["rollouts"] / h["unbatched_s"],
+            "rollouts/s",
+            ratio_meaning="vs one rollout's head rows per call (higher is better)",
+            note=f"{int(h['rollouts'])} rollouts x {int(h['rows_per_rollout'])} head rows, {int(h['layers'])} layers",
+        )
     )
     if device != "cpu" and "cpu" in results:
         cpu = results["cpu"]
@@ -271,6 +332,11 @@ def fill_report(report: Report, results: dict[str, dict[str, Any]], device: str)
             ("learner step, LoRA (steps/s)", 1 / m["learner_lora"]["step_s"], 1 / cpu["learner_lora"]["step_s"]),
             ("learner step, full (steps/s)", 1 / m["learner_full"]["step_s"], 1 / cpu["learner_full"]["step_s"]),
             ("generator tokens/s", m["generator"]["tokens_per_s"], cpu["generator"]["tokens_per_s"]),
+            (
+                "judge heads encoder, batch (rollouts/s)",
+                h["rollouts"] / h["batched_s"],
+                cpu["heads_encoder"]["rollouts"] / cpu["heads_encoder"]["batched_s"],
+            ),
         ]
         for name, gpu_value, cpu_value in pairs:
             report.add(Row(f"{name}: {device} vs cpu", gpu_value, cpu_value, "per s", ratio_meaning=f"{device} / cpu"))

@@ -70,7 +70,7 @@ def make_encoder(settings: Settings, device: str | None = None) -> PairEncoder:
     from services.triton._lm_encoder import LmPairEncoder
 
     path = prepare_model(settings.judge_model, settings.cache_dir)
-    return LmPairEncoder(path, settings.judge_model, settings.head_layer, device=device)
+    return LmPairEncoder.from_pretrained(path, settings.judge_model, settings.head_layer, device=device)
 
 
 def encoder_dir() -> Path:

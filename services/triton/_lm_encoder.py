@@ -27,14 +27,14 @@ class LmPairEncoder:
     """The mean over tokens of the hidden states after ``layer`` decoder layers (or all of them, for a model
     with fewer), for (request, response) pairs. Layers above ``layer`` are dropped: they are never run."""
 
-    def __init__(self, path: Path, name: str, layer: int, device: str = "cpu", max_length: int = 384) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str, layer: int, device: str = "cpu", max_length: int = 384
+    ) -> None:
+        """``model`` is the decoder stack (``AutoModel``, no LM head); layers above ``layer`` are cut off it."""
+        self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
         self.layer = min(layer, len(model.layers))
         model.layers = model.layers[: self.layer]
         model.norm = torch.nn.Identity()  # the final norm belongs to the last layer's output, not this one's
@@ -42,6 +42,13 @@ class LmPairEncoder:
         self.model = model.to(device).eval()
         self.device, self.max_length = device, max_length
         self.recipe = {"encoder": f"{name}@layer{self.layer}", "features": FEATURES}
+
+    @classmethod
+    def from_pretrained(cls, path: Path, name: str, layer: int, device: str = "cpu") -> LmPairEncoder:
+        from transformers import AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        return cls(model, AutoTokenizer.from_pretrained(str(path)), name, layer, device)
 
     def render(self, prompt: str, response: str) -> str:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

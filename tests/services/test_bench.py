@@ -87,12 +87,19 @@ def test_compute_standalone_with_random_weights(tmp_path: Path) -> None:
             "learner step, lora (cpu)",
             "learner step, full (cpu)",
             "generator (cpu)",
+            "judge heads encoder, batch (cpu)",
         },
     )
-    judge = report["details"]["results"]["cpu"]["judge"]
+    results = report["details"]["results"]["cpu"]
+    assert results["heads_encoder"]["rows_per_rollout"] == 4  # one row per head principle, as the client sends
+    judge = results["judge"]
     assert judge["rows"] == 8 * 4  # quick: 8 rollouts x the 4 llm principles
     assert judge["max_abs_diff_shared_vs_padded"] < 1e-4
     assert report["details"]["random_weights"] is True
+    # an accelerator box has torch and transformers but not the Kafka stack: the suite must not import it
+    probe = "import sys, services.bench._compute; print(sorted({'streams', 'aiokafka', 'faust'} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert imported.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

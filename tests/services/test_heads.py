@@ -192,7 +192,7 @@ def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation() ->
     from services.triton._lm_encoder import LmPairEncoder
 
     path = prepare_model("tiny-judge", CACHE)
-    enc = LmPairEncoder(path, "tiny-judge", layer=1)
+    enc = LmPairEncoder.from_pretrained(path, "tiny-judge", layer=1)
     assert len(enc.model.layers) == 1 and enc.recipe["encoder"] == "tiny-judge@layer1"
     pairs = [("What is 2+2?", "4."), ("Name a colour.", "Blue, like the sky on a clear day.")]
     got = enc.pair_features(pairs)
@@ -202,7 +202,8 @@ def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation() ->
         with torch.no_grad():
             hidden = full(**ids, output_hidden_states=True).hidden_states[1][0]
         np.testing.assert_allclose(got[row], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
-    assert LmPairEncoder(path, "tiny-judge", layer=99).layer == len(full.layers)  # a shallower model: all of it
+    shallower = LmPairEncoder.from_pretrained(path, "tiny-judge", layer=99)
+    assert shallower.layer == len(full.layers)  # a model with fewer layers: all of them
 
 
 def test_the_judge_lm_encoder_runs_each_distinct_conversation_once() -> None:
@@ -211,7 +212,7 @@ def test_the_judge_lm_encoder_runs_each_distinct_conversation_once() -> None:
     from services._models import prepare_model
     from services.triton._lm_encoder import LmPairEncoder
 
-    enc = LmPairEncoder(prepare_model("tiny-judge", CACHE), "tiny-judge", layer=1)
+    enc = LmPairEncoder.from_pretrained(prepare_model("tiny-judge", CACHE), "tiny-judge", layer=1)
     rows_read: list[int] = []
     enc.model.register_forward_hook(
         lambda _m, args, kwargs, _out: rows_read.append(len(kwargs["input_ids"])), with_kwargs=True

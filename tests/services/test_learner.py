@@ -233,6 +233,10 @@ def test_completions_of_one_prompt_share_its_forward_pass_exactly(tiny_settings:
     assert len(shared_grads) == len(alone_grads)
     for shared, alone in zip(shared_grads, alone_grads, strict=True):
         assert torch.allclose(shared, alone, atol=1e-5, rtol=1e-4)
+    # the GPU default, one padded batch, gives the same numbers
+    padded, _, padded_mask = completion_logprobs(model, seqs, tok.pad_token_id, temperature=0.8, share_prompts=False)
+    assert torch.equal(padded_mask, mask)
+    assert torch.allclose(padded, logp.detach(), atol=1e-5)
 
 
 def test_a_wholly_stale_group_is_dropped_not_fatal(tiny_settings: Settings) -> None:
