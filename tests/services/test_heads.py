@@ -139,11 +139,16 @@ def test_a_bad_training_line_is_named(tmp_path: Path) -> None:
 
 
 def test_the_shipped_training_set_is_apart_from_the_eval_set() -> None:
-    """No (prompt, response) of the labelled evaluation set may appear in the training set, and no eval-split
+    """No (prompt, response) of the labelled evaluation sets may appear in the training set, and no eval-split
     prompt of the student may be trained on."""
     data = Path(_heads.__file__).resolve().parents[1] / "data"
     train = read_examples(data / "judge_train.jsonl")
-    evaluation = [json.loads(line) for line in (data / "judge_eval.jsonl").read_text().splitlines() if line.strip()]
+    evaluation = [
+        json.loads(line)
+        for name in ("judge_eval.jsonl", "judge_eval_student.jsonl")
+        for line in (data / name).read_text().splitlines()
+        if line.strip()
+    ]
     eval_prompts = {
         json.loads(line)["text"]
         for line in (data / "prompts.jsonl").read_text().splitlines()
