@@ -61,7 +61,8 @@ class LmPairEncoder:
         # Every distinct conversation once: a rollout's rows for the different heads carry the same (request,
         # response), and the judge LM's forward is nearly all of the cost: without this, 4 forwards of one text.
         texts = [self.render(p, r) for p, r in pairs]
-        distinct = sorted(set(texts), key=len)  # batches of similar length pad little
+        # first-seen order before the (stable) sort: batches, and so the float sums, are the same in every run
+        distinct = sorted(dict.fromkeys(texts), key=len)  # batches of similar length pad little
         out = np.empty((len(distinct), self.model.config.hidden_size), dtype=np.float64)
         for start in range(0, len(distinct), batch_size):
             enc: Any = self.tokenizer(
