@@ -45,15 +45,16 @@ from services._learner_algo import (
 from services._models import load_causal_lm
 from services._policy import (
     SMALL_PAYLOAD_BYTES,
+    VisibleFile,
     apply_weights,
     build_policy,
     load_weights_blob,
+    place_blob,
+    place_safetensors,
     serialize_weights,
     travelling_bytes,
     weights_on_cpu,
-    write_blob_sha256,
     write_safetensors,
-    write_safetensors_sha256,
 )
 from services._proc import run_until_signalled
 from services._settings import Settings
@@ -368,43 +369,47 @@ class Learner:
         st_.version += 1
         path = self.policy_store / f"v{st_.version:06d}.safetensors"
         # seconds of disk work for full weights: in threads, so the event loop (and the producer) keeps going
-        chunks, digest, size = await asyncio.to_thread(self._write_policy_file, path, st_.version)
+        chunks, placed = await asyncio.to_thread(self._write_policy_file, path, st_.version)
         update = PolicyUpdate(
             policy_version=st_.version,
             learner_step=st_.step,
             base_model=self.s.student_model,
             kind="lora" if self.s.lora else "full",
-            sha256=digest,
-            size_bytes=size,
+            sha256=placed.sha256,
+            size_bytes=placed.size,
             n_chunks=len(chunks),
             uri=None if chunks else f"file://{path}",
             metrics=step_metrics,
         )
         # one batch: the announcement and its chunks reach the broker together
-        await self.publisher.send_many(self.topics.policy, [(str(st_.version), e) for e in (update, *chunks)])
-        # After the announcement, off the generators' path: a learner killed before this checkpoint comes back
-        # from an older one, but numbers its next version after the newest file in the policy store, so it can
-        # never announce a *different* version N (generators ignore versions they have seen).
-        await asyncio.to_thread(self.save_checkpoint, path, digest)
-        log.info("policy_published", policy_version=st_.version, bytes=size, chunks=len(chunks))
+        announce = self.publisher.send_many(self.topics.policy, [(str(st_.version), e) for e in (update, *chunks)])
+        if self.s.weights_durable_before_announce:
+            await asyncio.to_thread(placed.make_durable)
+            await announce
+        else:  # the fsync runs while the announcement travels and the generators read the page cache
+            await asyncio.gather(asyncio.to_thread(placed.make_durable), announce)
+        # After the announcement, off the generators' path, and only once the file is durable (it refers to it): a
+        # learner killed before this checkpoint comes back from an older one, but numbers its next version after
+        # the newest file in the policy store and the newest announcement, so it can never announce a *different*
+        # version N (generators ignore versions they have seen).
+        await asyncio.to_thread(self.save_checkpoint, path, placed.sha256)
+        log.info("policy_published", policy_version=st_.version, bytes=placed.size, chunks=len(chunks))
 
-    def _write_policy_file(self, path: Path, version: int) -> tuple[list[PolicyChunk], str, int]:
-        """Write the weights once, durably; up to ``weights_inline_max_bytes`` they also travel inline as
-        chunks. -> chunks, sha256, size."""
+    def _write_policy_file(self, path: Path, version: int) -> tuple[list[PolicyChunk], VisibleFile]:
+        """Write the weights once, atomically but not yet durably; up to ``weights_inline_max_bytes`` they also
+        travel inline as chunks."""
         metadata = {"policy_version": str(version)}
         # decided on the model's own tensors: the adapter is copied off a GPU once, by serialize_weights
         if travelling_bytes(self.model, self.s.lora) > SMALL_PAYLOAD_BYTES:
             # streamed: full weights need not fit in memory twice
-            tensors = weights_on_cpu(self.model, self.s.lora)
-            digest, blob = write_safetensors_sha256(tensors, path, metadata), None
-        else:  # an adapter: serialized once, the same bytes hashed (during the fsync), written and chunked
+            placed, blob = place_safetensors(weights_on_cpu(self.model, self.s.lora), path, metadata), None
+        else:  # an adapter: serialized once, the same bytes hashed (while they are written), written and chunked
             blob = serialize_weights(self.model, self.s.lora, metadata)
-            digest = write_blob_sha256(blob, path)
-        size = path.stat().st_size
-        if size > self.s.weights_inline_max_bytes:
-            return [], digest, size
+            placed = place_blob(blob, path)
+        if placed.size > self.s.weights_inline_max_bytes:
+            return [], placed
         inline = blob if blob is not None else path.read_bytes()
-        return split_chunks(inline, version, digest=digest), digest, size
+        return split_chunks(inline, version, digest=placed.sha256), placed
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:

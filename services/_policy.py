@@ -12,6 +12,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,38 +170,59 @@ def write_blob(blob: bytes, path: Path) -> None:
     _replace_durably(path, lambda tmp: tmp.write_bytes(blob))
 
 
-def write_blob_sha256(blob: bytes, path: Path) -> str:
-    """``write_blob`` that returns the blob's sha256, hashed while the fsync waits on the disk."""
-    digest = _replace_durably(path, lambda tmp: tmp.write_bytes(blob), lambda _tmp: sha256_hex(blob))
-    assert digest is not None
-    return digest
+@dataclass(frozen=True)
+class VisibleFile:
+    """A policy file renamed into place whose bytes may still sit only in the page cache.
+
+    Readers see it whole (the rename is atomic) and check it against ``sha256``, so it can be announced before
+    it is durable: the fsync then runs beside the Kafka hop instead of before it. ``make_durable`` must return
+    before anything *refers* to the file (the learner's checkpoint). A killed process loses nothing here (the
+    page cache outlives it); only a power cut or kernel crash in the few milliseconds in between can: the file
+    is then torn (readers reject it by its hash; a restarted learner numbers past it) or gone, and a learner
+    restarted on that disk announces that version number again with other weights. Generators that served the
+    lost file keep it until the next version; their rollouts still carry their own behaviour log-probs, so
+    training stays correct, but the version's file no longer matches them. Where that matters, set
+    ``weights_durable_before_announce``.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+
+    def make_durable(self) -> None:
+        _fsync(self.path)
+        _fsync(self.path.parent)  # the rename itself
 
 
-def write_safetensors_sha256(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> str:
-    """``write_safetensors`` for a big file, streamed; returns its sha256, read back while the fsync runs (the
-    fsync waits on the disk, the hash runs outside the GIL: hashing 538 MB of full weights takes ~0.4 s)."""
-    digest = _replace_durably(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), file_sha256)
-    assert digest is not None
-    return digest
+def place_blob(blob: bytes, path: Path) -> VisibleFile:
+    """Write ``blob`` to ``path`` atomically, hashing the same bytes while the write runs; not yet durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_hex, blob)  # hashlib and the write both run outside the GIL
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        return VisibleFile(path, digest.result(), len(blob))
 
 
-def _replace_durably(
-    path: Path, write: Callable[[Path], object], while_syncing: Callable[[Path], str] | None = None
-) -> str | None:
+def place_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> VisibleFile:
+    """``place_blob`` for a big file, streamed by safetensors (full weights need not fit in memory twice) and
+    hashed by reading it back from the page cache (~0.4 s for SmolLM2's 538 MB); not yet durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    return VisibleFile(path, digest, path.stat().st_size)
+
+
+def _replace_durably(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     write(tmp)
-    result = None
-    if while_syncing is None:
-        _fsync(tmp)
-    else:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            side = pool.submit(while_syncing, tmp)
-            _fsync(tmp)
-            result = side.result()
+    _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)  # the rename itself
-    return result
 
 
 def _fsync(path: Path) -> None:

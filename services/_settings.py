@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     # weights up to this size also travel inline on the policy topic (no shared disk needed); bigger ones, and
     # all of them at 0, are read by the generators from the policy store by URI (a shared disk or volume)
     weights_inline_max_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
+    # A pushed policy file is announced as soon as it is renamed into place; its fsync runs while the
+    # announcement travels, and the checkpoint that refers to it waits for the fsync. True = fsync first (the
+    # push then pays the fsync: ~5 ms for an adapter, seconds for full weights; see docs/benchmarks.md)
+    weights_durable_before_announce: bool = False
     # How long a generator's fetch on the policy topic may wait at the broker. Tansu does not always answer a
     # waiting fetch when records arrive, so this bounds how late a generator sees a new version; every
     # follower then polls this often while idle. Measured with 2 idle followers on Tansu: 50 ms costs ~3% of a

@@ -1,8 +1,9 @@
 """Weights suite: a learner publishes new weights; how long until every generator serves them?
 
-The project path is the real one: ``Learner.publish_policy`` after a real AdamW step (weights written once,
-durably, into the policy store; PolicyUpdate + PolicyChunks on the policy topic, or a URI above the inline
-limit; then the checkpoint with the AdamW state, which refers to that file) and two generator processes, as
+The project path is the real one: ``Learner.publish_policy`` after a real AdamW step (weights written once
+into the policy store and announced, PolicyUpdate + PolicyChunks on the policy topic or a URI above the inline
+limit, while the file's fsync runs; then the checkpoint with the AdamW state, which refers to that file; one
+mode fsyncs before announcing instead) and two generator processes, as
 ``rlaif up`` runs them (:mod:`services.bench._weights_follower`: a real :class:`~services._generator.Generator`
 running ``follow_policy`` (assemble, verify, ``_stage``) and ``_swap_if_staged``). The baseline does the
 same work with a shared disk as the transport: serialize, write + fsync, then per generator read +
@@ -233,6 +234,10 @@ async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> No
         # the same adapter announced by URI: what the push costs where generators share the learner's disk
         by_uri = {"weights_inline_max_bytes": 0}
         await _one_mode(report, base, "lora via policy store", lora=True, rounds=rounds, broker=broker, **by_uri)
+        # the same, paying the fsync before the announcement instead of beside it (weights_durable_before_announce)
+        strict = {**by_uri, "weights_durable_before_announce": True}
+        label = "lora via store, fsync before announce"
+        await _one_mode(report, base, label, lora=True, rounds=rounds, broker=broker, **strict)
         # and with generators polling the policy topic every 5 ms instead of 50 (Tansu answers a waiting
         # fetch late; the price is idle polling, see Settings.policy_fetch_wait_ms)
         fast = {**by_uri, "policy_fetch_wait_ms": 5}

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from schemas import JudgedRollout, LearnerStep, PolicyUpdate, PromptTask, Rollout
@@ -210,6 +211,63 @@ async def test_push_inline_and_by_uri_carry_the_policy_file(tiny_settings: Setti
             assert blob == path.read_bytes()
         else:
             assert update.n_chunks == 0 and update.uri == f"file://{path}"
+
+
+@pytest.mark.parametrize("durable_first", [False, True])
+async def test_a_push_is_durable_before_its_checkpoint_and_before_its_announcement_only_if_asked(
+    tiny_settings: Settings, durable_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default the policy file's fsync runs beside the announcement; the checkpoint, which refers to the
+    file, always waits for it. With ``weights_durable_before_announce`` the fsync comes first."""
+    from services._policy import VisibleFile
+
+    s = tiny_settings.model_copy(update={"weights_durable_before_announce": durable_first})
+    await ensure_topics(s.kafka, s.topics.specs())
+    learner = Learner(s)
+    order: list[str] = []
+    real_durable, real_send, real_ckpt = VisibleFile.make_durable, learner.publisher.send_many, learner.save_checkpoint
+
+    def durable(self: VisibleFile) -> None:
+        order.append("fsync starts")
+        real_durable(self)
+        order.append("fsync done")
+
+    async def send_many(*args: Any, **kwargs: Any) -> None:
+        order.append("announce starts")
+        await real_send(*args, **kwargs)
+
+    def checkpoint(*args: Any, **kwargs: Any) -> None:
+        order.append("checkpoint")
+        real_ckpt(*args, **kwargs)
+
+    monkeypatch.setattr(VisibleFile, "make_durable", durable)
+    monkeypatch.setattr(learner.publisher, "send_many", send_many)
+    monkeypatch.setattr(learner, "save_checkpoint", checkpoint)
+    await learner.publisher.start()
+    try:
+        await learner.publish_policy({})
+    finally:
+        await learner.publisher.stop()
+    assert order.index("fsync done") < order.index("checkpoint")
+    if durable_first:
+        assert order == ["fsync starts", "fsync done", "announce starts", "checkpoint"]
+    assert not list(learner.policy_store.glob("*.tmp"))
+    with safe_open(str(learner.ckpt_path), framework="pt") as fh:
+        assert fh.metadata()["weights_file"] == "v000001.safetensors"
+    update = decode_any((await collect(s.kafka, s.topics.policy, lambda rs: len(rs) >= 1))[0].value)
+    assert isinstance(update, PolicyUpdate) and update.policy_version == 1
+
+
+def test_place_blob_is_whole_and_hashed_before_it_is_durable(tmp_path: Any) -> None:
+    from services._policy import place_blob
+    from streams import file_sha256
+
+    blob = bytes(range(256)) * 4096
+    placed = place_blob(blob, tmp_path / "store" / "v000001.safetensors")
+    assert placed.path.read_bytes() == blob and placed.size == len(blob)
+    assert placed.sha256 == file_sha256(placed.path)
+    assert [f.name for f in placed.path.parent.iterdir()] == ["v000001.safetensors"]
+    placed.make_durable()
 
 
 def test_completions_of_one_prompt_share_its_forward_pass_exactly(tiny_settings: Settings) -> None:
