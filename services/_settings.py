@@ -41,9 +41,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "group_size": 4,
         "groups_per_step": 4,
         "max_new_tokens": 40,
-        # 1e-3 decaying to 2e-4 over ~the steps a 30-minute CPU run takes (pilots: docs/algorithm.md)
+        # 1e-3 decaying to 2e-4 over ~the steps a 30-minute CPU run takes, 71-84 (pilots: docs/algorithm.md)
         "learning_rate": 1e-3,
-        "lr_decay_steps": 60,
+        "lr_decay_steps": 75,
         "lr_min_ratio": 0.2,
         "push_every": 1,
         "lora": True,
