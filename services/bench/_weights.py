@@ -230,14 +230,16 @@ async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> No
     rounds = 3 if quick else 5
     with EmbeddedBroker() as broker:
         full_bytes = await _one_mode(report, base, "full", lora=False, rounds=rounds, broker=broker)
+        # paying the fsync before the announcement instead of beside it (weights_durable_before_announce)
+        fsync_first = {"weights_durable_before_announce": True}
+        label = "full, fsync before announce"
+        await _one_mode(report, base, label, lora=False, rounds=rounds, broker=broker, **fsync_first)
         lora_bytes = await _one_mode(report, base, "lora", lora=True, rounds=rounds, broker=broker)
         # the same adapter announced by URI: what the push costs where generators share the learner's disk
         by_uri = {"weights_inline_max_bytes": 0}
         await _one_mode(report, base, "lora via policy store", lora=True, rounds=rounds, broker=broker, **by_uri)
-        # the same, paying the fsync before the announcement instead of beside it (weights_durable_before_announce)
-        strict = {**by_uri, "weights_durable_before_announce": True}
         label = "lora via store, fsync before announce"
-        await _one_mode(report, base, label, lora=True, rounds=rounds, broker=broker, **strict)
+        await _one_mode(report, base, label, lora=True, rounds=rounds, broker=broker, **by_uri, **fsync_first)
         # and with generators polling the policy topic every 5 ms instead of 50 (Tansu answers a waiting
         # fetch late; the price is idle polling, see Settings.policy_fetch_wait_ms)
         fast = {**by_uri, "policy_fetch_wait_ms": 5}
