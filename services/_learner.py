@@ -382,16 +382,18 @@ class Learner:
             metrics=step_metrics,
         )
         # one batch: the announcement and its chunks reach the broker together
-        announce = self.publisher.send_many(self.topics.policy, [(str(st_.version), e) for e in (update, *chunks)])
+        batch = [(str(st_.version), e) for e in (update, *chunks)]
         if self.s.weights_durable_before_announce:
             await asyncio.to_thread(placed.make_durable)
-            await announce
+            await self.publisher.send_many(self.topics.policy, batch)
         else:  # the fsync runs while the announcement travels and the generators read the page cache
-            await asyncio.gather(asyncio.to_thread(placed.make_durable), announce)
-        # After the announcement, off the generators' path, and only once the file is durable (it refers to it): a
-        # learner killed before this checkpoint comes back from an older one, but numbers its next version after
-        # the newest file in the policy store and the newest announcement, so it can never announce a *different*
-        # version N (generators ignore versions they have seen).
+            await asyncio.gather(
+                asyncio.to_thread(placed.make_durable), self.publisher.send_many(self.topics.policy, batch)
+            )
+        # After the announcement, off the generators' path, and once the file it refers to is durable: a learner
+        # killed before this checkpoint comes back from an older one, but numbers its next version after the
+        # newest file in the policy store, so it can never announce a *different* version N (generators ignore
+        # versions they have seen; for a power cut, see VisibleFile).
         await asyncio.to_thread(self.save_checkpoint, path, placed.sha256)
         log.info("policy_published", policy_version=st_.version, bytes=placed.size, chunks=len(chunks))
 
