@@ -174,15 +174,15 @@ def write_blob(blob: bytes, path: Path) -> None:
 class VisibleFile:
     """A policy file renamed into place whose bytes may still sit only in the page cache.
 
-    Readers see it whole (the rename is atomic) and check it against ``sha256``, so it can be announced before
-    it is durable: the fsync then runs beside the Kafka hop instead of before it. ``make_durable`` must return
-    before anything *refers* to the file (the learner's checkpoint). A killed process loses nothing here (the
-    page cache outlives it); only a power cut or kernel crash in the few milliseconds in between can: the file
-    is then torn (readers reject it by its hash; a restarted learner numbers past it) or gone, and a learner
-    restarted on that disk announces that version number again with other weights. Generators that served the
-    lost file keep it until the next version; their rollouts still carry their own behaviour log-probs, so
-    training stays correct, but the version's file no longer matches them. Where that matters, set
-    ``weights_durable_before_announce``.
+    Readers see it whole (the rename is atomic) and check it against ``sha256``, so it *can* be announced
+    before it is durable, the fsync then running beside the Kafka hop (``weights_durable_before_announce`` off;
+    by default the learner fsyncs first). ``make_durable`` must return before anything *refers* to the file
+    (the learner's checkpoint). Between announcement and fsync a killed process loses nothing (the page cache
+    outlives it); a power cut or kernel crash can: the file is then torn (readers reject it by its hash; a
+    restarted learner numbers past it) or gone, and a learner restarted on that disk announces that version
+    number again with other weights. Generators that served the lost file keep it until the next version;
+    their rollouts carry their own behaviour log-probs, so training stays correct, but the version's file no
+    longer matches them.
     """
 
     path: Path

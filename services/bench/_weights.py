@@ -2,8 +2,8 @@
 
 The project path is the real one: ``Learner.publish_policy`` after a real AdamW step (weights written once
 into the policy store and announced, PolicyUpdate + PolicyChunks on the policy topic or a URI above the inline
-limit, while the file's fsync runs; then the checkpoint with the AdamW state, which refers to that file; one
-mode fsyncs before announcing instead) and two generator processes, as
+limit, once the file is durable; then the checkpoint with the AdamW state, which refers to that file; one
+mode of each kind announces first and fsyncs beside the hop) and two generator processes, as
 ``rlaif up`` runs them (:mod:`services.bench._weights_follower`: a real :class:`~services._generator.Generator`
 running ``follow_policy`` (assemble, verify, ``_stage``) and ``_swap_if_staged``). The baseline does the
 same work with a shared disk as the transport: serialize, write + fsync, then per generator read +
@@ -230,16 +230,16 @@ async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> No
     rounds = 3 if quick else 5
     with EmbeddedBroker() as broker:
         full_bytes = await _one_mode(report, base, "full", lora=False, rounds=rounds, broker=broker)
-        # paying the fsync before the announcement instead of beside it (weights_durable_before_announce)
-        fsync_first = {"weights_durable_before_announce": True}
-        label = "full, fsync before announce"
-        await _one_mode(report, base, label, lora=False, rounds=rounds, broker=broker, **fsync_first)
+        # announced before its fsync, which then runs beside the hop (weights_durable_before_announce=False)
+        fsync_beside = {"weights_durable_before_announce": False}
+        label = "full, fsync beside the announcement"
+        await _one_mode(report, base, label, lora=False, rounds=rounds, broker=broker, **fsync_beside)
         lora_bytes = await _one_mode(report, base, "lora", lora=True, rounds=rounds, broker=broker)
         # the same adapter announced by URI: what the push costs where generators share the learner's disk
         by_uri = {"weights_inline_max_bytes": 0}
         await _one_mode(report, base, "lora via policy store", lora=True, rounds=rounds, broker=broker, **by_uri)
-        label = "lora via store, fsync before announce"
-        await _one_mode(report, base, label, lora=True, rounds=rounds, broker=broker, **by_uri, **fsync_first)
+        label = "lora via store, fsync beside the announcement"
+        await _one_mode(report, base, label, lora=True, rounds=rounds, broker=broker, **by_uri, **fsync_beside)
         # and with generators polling the policy topic every 5 ms instead of 50 (Tansu answers a waiting
         # fetch late; the price is idle polling, see Settings.policy_fetch_wait_ms)
         fast = {**by_uri, "policy_fetch_wait_ms": 5}

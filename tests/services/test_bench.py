@@ -110,10 +110,10 @@ def test_weights_quick() -> None:
         report,
         {
             "full: publish -> all 2 generators swapped",
-            "full, fsync before announce: publish -> all 2 generators swapped",
+            "full, fsync beside the announcement: publish -> all 2 generators swapped",
             "lora: publish -> all 2 generators swapped",
             "lora via policy store: publish -> all 2 generators swapped",
-            "lora via store, fsync before announce: publish -> all 2 generators swapped",
+            "lora via store, fsync beside the announcement: publish -> all 2 generators swapped",
             "lora via store, 5 ms fetch wait: publish -> all 2 generators swapped",
             "LoRA payload is smaller by",
         },
