@@ -214,11 +214,11 @@ async def test_push_inline_and_by_uri_carry_the_policy_file(tiny_settings: Setti
 
 
 @pytest.mark.parametrize("durable_first", [False, True])
-async def test_a_push_is_durable_before_its_checkpoint_and_before_its_announcement_only_if_asked(
+async def test_a_push_is_durable_before_its_checkpoint_and_before_its_announcement_unless_told_otherwise(
     tiny_settings: Settings, durable_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """By default the policy file's fsync runs beside the announcement; the checkpoint, which refers to the
-    file, always waits for it. With ``weights_durable_before_announce`` the fsync comes first."""
+    """By default the policy file is fsynced before it is announced; with ``weights_durable_before_announce``
+    off the fsync runs beside the announcement. Either way the checkpoint, which refers to the file, waits."""
     from services._policy import VisibleFile
 
     s = tiny_settings.model_copy(update={"weights_durable_before_announce": durable_first})
