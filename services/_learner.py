@@ -404,7 +404,10 @@ class Learner:
         # decided on the model's own tensors: the adapter is copied off a GPU once, by serialize_weights
         if travelling_bytes(self.model, self.s.lora) > SMALL_PAYLOAD_BYTES:
             # streamed: full weights need not fit in memory twice
-            placed, blob = place_safetensors(weights_on_cpu(self.model, self.s.lora), path, metadata), None
+            tensors = weights_on_cpu(self.model, self.s.lora)
+            # durable first: the data's fsync overlaps the hash, as the announcement waits for both anyway
+            sync_data = self.s.weights_durable_before_announce
+            placed, blob = place_safetensors(tensors, path, metadata, sync_data=sync_data), None
         else:  # an adapter: serialized once, the same bytes hashed (while they are written), written and chunked
             blob = serialize_weights(self.model, self.s.lora, metadata)
             placed = place_blob(blob, path)
