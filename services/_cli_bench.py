@@ -53,6 +53,9 @@ def _learning(report: Path, minutes: float, quick: bool, device: str) -> None:
     print("| figure | value |\n|---|---|")
     for key in keys:
         print(f"| {key} | {result[key]} |")
+    for arm, key in (("async", "eval_gain_paired"), ("sync", "sync_eval_gain_paired")):
+        if (g := result.get(key)) and g["stderr"] is not None:
+            print(f"| {arm} gain, paired over {g['n']} eval prompts | {g['gain']:+.3f} ± {g['stderr']:.3f} (s.e.) |")
     print(f"| async steps / sync steps | {result['async']['steps']} / {result['sync']['steps']} |")
     print(f"plot: {result['plot']}\nreport: {report}")
 

@@ -256,6 +256,7 @@ class Learner:
             reward_mean=sum(e.reward for e in events) / len(events),
             by_principle=by_principle,
             constitution_id=events[0].constitution_id,
+            reward_by_prompt={e.rollout.prompt_id: e.reward for e in events},
         )
         await self.publisher.send(self.topics.eval, result, key=str(eval_round))
         log.info(

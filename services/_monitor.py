@@ -105,6 +105,7 @@ class RunStats:
                     "policy_version": event.policy_version,
                     "reward": event.reward_mean,
                     "by_principle": event.by_principle,
+                    "reward_by_prompt": event.reward_by_prompt,
                 }
             )
         elif isinstance(event, DeadLetter):

@@ -336,7 +336,7 @@ async def test_an_eval_round_is_reported_once_across_restarts(tiny_settings: Set
         learner.save_checkpoint()
         return learner
 
-    async def reported_until_marker(marker: int) -> list[tuple[int, int]]:
+    async def reported_until_marker(marker: int) -> list[tuple[int, int, list[str]]]:
         async with Publisher(s.kafka) as pub:  # everything before the marker has been read once it is
             await pub.send(
                 s.topics.eval,
@@ -347,14 +347,16 @@ async def test_an_eval_round_is_reported_once_across_restarts(tiny_settings: Set
         records = await collect(
             s.kafka, s.topics.eval, lambda rs: decode(rs[-1].value, EvalResult).eval_round == marker
         )
-        return [(r.eval_round, r.n) for r in (decode(x.value, EvalResult) for x in records) if r.n]
+        decoded = (decode(x.value, EvalResult) for x in records)
+        return [(r.eval_round, r.n, sorted(r.reward_by_prompt)) for r in decoded if r.n]
 
+    prompt_ids = sorted(p.prompt_id for p in evals)  # the round carries every prompt's reward, for paired gains
     await learner_with(answers[:-1])  # killed before the last answer arrived
     await learner_with(answers[-1:])  # the restart completes the round
-    assert await reported_until_marker(998) == [(5, len(answers))]
+    assert await reported_until_marker(998) == [(5, len(answers), prompt_ids)]
     replayed = await learner_with(answers)  # restarted again, re-reading all of it
     assert replayed.state.counters["eval_duplicates"] == len(answers)
-    assert await reported_until_marker(999) == [(5, len(answers))]
+    assert await reported_until_marker(999) == [(5, len(answers), prompt_ids)]
 
 
 def test_an_empty_completion_in_a_group_is_masked_not_misaligned(tiny_settings: Settings) -> None:
