@@ -142,8 +142,8 @@ class EvalResult(Event, tag="eval_result", frozen=True):
     reward_mean: float
     by_principle: dict[str, float]
     constitution_id: str
-    # each eval prompt's reward, so two rounds can be compared prompt by prompt (a paired difference has far
-    # less spread than two independent means); empty in events written before it existed
+    # each eval prompt's reward, so two rounds can be compared prompt by prompt (a paired difference leaves the
+    # prompts' differences in difficulty out of the comparison); empty in events written before it existed
     reward_by_prompt: dict[str, float] = msgspec.field(default_factory=dict)
 
 
