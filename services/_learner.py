@@ -249,14 +249,15 @@ class Learner:
         events = list(answers.values())
         versions = [e.rollout.policy_version for e in events]
         by_principle = {pid: sum(e.scores[pid] for e in events) / len(events) for pid in sorted(events[0].scores)}
+        by_prompt = {prompt_id: e.reward for prompt_id, e in answers.items()}
         result = EvalResult(
             policy_version=max(set(versions), key=versions.count),
             eval_round=eval_round,
             n=len(events),
-            reward_mean=sum(e.reward for e in events) / len(events),
+            reward_mean=sum(by_prompt.values()) / len(by_prompt),
             by_principle=by_principle,
             constitution_id=events[0].constitution_id,
-            reward_by_prompt={e.rollout.prompt_id: e.reward for e in events},
+            reward_by_prompt=by_prompt,
         )
         await self.publisher.send(self.topics.eval, result, key=str(eval_round))
         log.info(
