@@ -31,6 +31,7 @@ from schemas import (
     Rollout,
     SchemaError,
 )
+from services._models import LoraTargets
 from services._replay import ReplayFilter, Source, collect
 from services._settings import Settings
 from streams import ChunkAssembler, Publisher, decode_any, ensure_topics, sha256_hex, verify_blob
@@ -121,11 +122,14 @@ async def policy_blob(settings: Settings, version: int, source: Source = "kafka"
     return update, blob
 
 
-def _lora_rank(tensors: dict[str, Any]) -> int:
-    for name, tensor in tensors.items():
-        if "lora_A" in name:
-            return int(tensor.shape[0])
-    raise IntegrityError("a LoRA policy without lora_A tensors")
+def _lora_layout(tensors: dict[str, Any]) -> tuple[int, LoraTargets]:
+    """(rank, targets) of a LoRA policy file, read from its tensors rather than trusted from settings, so
+    an export rebuilds the adapter the learner actually trained."""
+    ranks = [int(t.shape[0]) for name, t in tensors.items() if "lora_A" in name]
+    if not ranks:
+        raise IntegrityError("a LoRA policy without lora_A tensors")
+    on_mlp = any(".mlp." in name for name in tensors)
+    return ranks[0], "all" if on_mlp else "attention"
 
 
 def export_model(settings: Settings, update: PolicyUpdate, blob: bytes, out_dir: Path) -> dict[str, Any]:
@@ -135,9 +139,9 @@ def export_model(settings: Settings, update: PolicyUpdate, blob: bytes, out_dir:
     from services._policy import apply_weights, build_policy, load_weights_blob
 
     lora = update.kind == "lora"
-    rank = _lora_rank(st_load(blob)) if lora else settings.lora_rank
+    rank, targets = _lora_layout(st_load(blob)) if lora else (settings.lora_rank, settings.lora_targets)
     model, tokenizer = build_policy(
-        update.base_model, settings.cache_dir, lora=lora, lora_rank=rank, seed=settings.seed
+        update.base_model, settings.cache_dir, lora=lora, lora_rank=rank, lora_targets=targets, seed=settings.seed
     )
     tensors = load_weights_blob(blob, model, lora)  # names, shapes, dtypes and finiteness checked
     apply_weights(model, tensors, lora)
@@ -153,6 +157,7 @@ def export_model(settings: Settings, update: PolicyUpdate, blob: bytes, out_dir:
         "kind": update.kind,
         "sha256": update.sha256,
         "lora_rank": rank if lora else None,
+        "lora_targets": targets if lora else None,
     }
     (out_dir / "rlaif_policy.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -78,6 +78,7 @@ class Generator:
             settings.cache_dir,
             lora=settings.lora,
             lora_rank=settings.lora_rank,
+            lora_targets=settings.lora_targets,
             seed=settings.seed,
             device=settings.device,
         )

@@ -111,6 +111,7 @@ class Learner:
             settings.cache_dir,
             lora=settings.lora,
             lora_rank=settings.lora_rank,
+            lora_targets=settings.lora_targets,
             seed=settings.seed,
             device=settings.device,
         )

@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import torch
@@ -179,13 +179,18 @@ def load_causal_lm(name: str, cache_dir: Path, *, dtype: torch.dtype = torch.flo
     return model, tok
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LoraTargets = Literal["attention", "all"]
+LORA_TARGETS: dict[str, list[str]] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
-def with_lora(model: Any, lora_rank: int, seed: int = 0) -> Any:
-    """The project's LoRA adapter (rank r, alpha 2r, on q,k,v,o) around ``model``."""
+def with_lora(model: Any, lora_rank: int, seed: int = 0, targets: LoraTargets = "attention") -> Any:
+    """The project's LoRA adapter (rank r, alpha 2r) around ``model``: on the attention projections, or
+    (``all``) on the MLP's too."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # identical adapter init everywhere (B = 0, so v0 == the base model)
-    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS[targets])
     return get_peft_model(model, config)

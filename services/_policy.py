@@ -24,18 +24,25 @@ from safetensors.torch import save_file
 
 from schemas import IntegrityError
 from services import _flat_adapter as _flat
-from services._models import load_causal_lm, with_lora
+from services._models import LoraTargets, load_causal_lm, with_lora
 from streams import file_sha256, sha256_hex
 
 
 def build_policy(
-    model_name: str, cache_dir: Path, *, lora: bool, lora_rank: int = 8, seed: int = 0, device: str = "cpu"
+    model_name: str,
+    cache_dir: Path,
+    *,
+    lora: bool,
+    lora_rank: int = 8,
+    lora_targets: LoraTargets = "attention",
+    seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[Any, Any]:
     """The student on ``device``; with LoRA, its adapter is one buffer (see ``services._flat_adapter``), so
     build it before an optimizer holds its parameters."""
     model, tok = load_causal_lm(model_name, cache_dir)
     if lora:
-        model = with_lora(model, lora_rank, seed)
+        model = with_lora(model, lora_rank, seed, lora_targets)
     model.to(torch.device(device))
     if lora:
         _flat.flatten(model, _travelling(model, lora=True))

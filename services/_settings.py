@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     push_every: int = Field(default=1, ge=1)
     lora: bool = True
     lora_rank: int = 8
+    # which projections carry the adapter: attention (q,k,v,o) or all (+ the MLP's gate, up, down)
+    lora_targets: Literal["attention", "all"] = "attention"
     eval_every: int = Field(default=5, ge=1)
     eval_prompts: int = Field(default=8, ge=0)
     judge_concurrency: int = Field(default=8, ge=1)

@@ -181,9 +181,21 @@ async def _one_mode(
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
         update: dict[str, Any] = {"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run", **overrides}
         settings = base.model_copy(update=update)
-        model, _ = build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)
+        model, _ = build_policy(
+            settings.student_model,
+            settings.cache_dir,
+            lora=lora,
+            lora_rank=settings.lora_rank,
+            lora_targets=settings.lora_targets,
+        )
         readers = [
-            build_policy(settings.student_model, settings.cache_dir, lora=lora, lora_rank=settings.lora_rank)[0]
+            build_policy(
+                settings.student_model,
+                settings.cache_dir,
+                lora=lora,
+                lora_rank=settings.lora_rank,
+                lora_targets=settings.lora_targets,
+            )[0]
             for _ in range(N_GENERATORS)
         ]
         timings = await _rounds(settings, model, readers, rounds, Path(tmp))
@@ -253,7 +265,10 @@ async def run_weights(report: Report, *, quick: bool, device: str = "cpu") -> No
             "x",
             ratio=full_bytes / lora_bytes / 10.0,
             ratio_meaning="(full / LoRA bytes) / target 10x; >= 1 meets the target",
-            note=f"full {full_bytes / 1e6:.2f} MB, LoRA r{base.lora_rank} q,k,v,o {lora_bytes / 1e6:.3f} MB",
+            note=(
+                f"full {full_bytes / 1e6:.2f} MB, "
+                f"LoRA r{base.lora_rank} on {base.lora_targets} {lora_bytes / 1e6:.3f} MB"
+            ),
         )
     )
     report.details["model"] = base.student_model
