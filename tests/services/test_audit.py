@@ -11,6 +11,7 @@ from schemas import IntegrityError, JudgedRollout, LearnerStep, PolicyUpdate
 from services._audit import audit_verify, export_policy, lineage, list_policies, policy_file, rejudge, spearman
 from services._data import DATA_DIR, load_constitution
 from services._judge_client import TritonJudge
+from services._models import LoraTargets
 from services._policy import build_policy, serialize_weights
 from services._replay import ReplayFilter
 from services._settings import Settings
@@ -19,9 +20,11 @@ from tests.factories import make_judged, make_rollout
 from tests.services.helpers import collect
 
 
-async def publish_version(s: Settings, version: int, *, lora: bool, keep_file: bool = True) -> torch.nn.Module:
+async def publish_version(
+    s: Settings, version: int, *, lora: bool, keep_file: bool = True, targets: LoraTargets = "attention"
+) -> torch.nn.Module:
     """A trained-looking policy version: perturbed weights, stored and announced like the learner does."""
-    model, _ = build_policy(s.student_model, s.cache_dir, lora=lora, lora_rank=4, seed=0)
+    model, _ = build_policy(s.student_model, s.cache_dir, lora=lora, lora_rank=4, lora_targets=targets, seed=0)
     torch.manual_seed(version)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -54,15 +57,20 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-async def test_policy_export_loads_with_plain_transformers(tiny_settings: Settings, tmp_path: Path, lora: bool) -> None:
+@pytest.mark.parametrize(
+    ("lora", "targets"), [(True, "attention"), (True, "all"), (False, "attention")], ids=["lora", "lora-mlp", "full"]
+)
+async def test_policy_export_loads_with_plain_transformers(
+    tiny_settings: Settings, tmp_path: Path, lora: bool, targets: LoraTargets
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    s = tiny_settings
+    s = tiny_settings  # settings say attention-only: the export must take the layout from the file
     await ensure_topics(s.kafka, s.topics.specs())
-    trained = await publish_version(s, 1, lora=lora)
+    trained = await publish_version(s, 1, lora=lora, targets=targets)
     meta = await export_policy(s, 1, tmp_path / "export")
     assert meta["kind"] == ("lora" if lora else "full")
+    assert meta["lora_targets"] == (targets if lora else None)
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
     assert torch.allclose(logits(exported), logits(trained), atol=1e-5)
     base, _ = build_policy(s.student_model, s.cache_dir, lora=False)

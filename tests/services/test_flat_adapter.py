@@ -11,6 +11,7 @@ from safetensors.torch import load as st_load
 from schemas import IntegrityError
 from services import _flat_adapter as flat
 from services import _optim_state
+from services._models import LoraTargets
 from services._policy import (
     apply_weights,
     build_policy,
@@ -23,8 +24,8 @@ from services._policy import (
 from services._settings import Settings
 
 
-def _adapter(s: Settings, seed: int = 0) -> Any:
-    model, _ = build_policy(s.student_model, s.cache_dir, lora=True, lora_rank=4, seed=seed)
+def _adapter(s: Settings, seed: int = 0, targets: LoraTargets = "attention") -> Any:
+    model, _ = build_policy(s.student_model, s.cache_dir, lora=True, lora_rank=4, lora_targets=targets, seed=seed)
     return model
 
 
@@ -50,8 +51,9 @@ def test_the_adapter_is_one_buffer_and_its_file_is_what_safetensors_writes(tiny_
     assert serialize_weights(model, True) == serialize_tensors(tensors)
 
 
-def test_a_flat_file_is_applied_in_one_copy_with_the_same_result(tiny_settings: Settings) -> None:
-    learner, generator = _adapter(tiny_settings), _adapter(tiny_settings)
+@pytest.mark.parametrize("targets", ["attention", "all"])
+def test_a_flat_file_is_applied_in_one_copy_with_the_same_result(tiny_settings: Settings, targets: LoraTargets) -> None:
+    learner, generator = _adapter(tiny_settings, targets=targets), _adapter(tiny_settings, targets=targets)
     _train_a_step(learner)
     parsed = load_weights_blob(serialize_weights(learner, True), generator, True)
     assert isinstance(parsed, flat.FlatState)
@@ -59,6 +61,13 @@ def test_a_flat_file_is_applied_in_one_copy_with_the_same_result(tiny_settings: 
     mine, theirs = weights_on_cpu(learner, True), weights_on_cpu(generator, True)
     assert all(torch.equal(mine[n], theirs[n]) for n in mine)
     assert flat.buffer_of(generator) is not None  # still views after the copy
+    assert any(".mlp." in n for n in mine) == (targets == "all")
+
+
+def test_an_adapter_of_the_other_layout_is_refused(tiny_settings: Settings) -> None:
+    on_mlp, attention_only = _adapter(tiny_settings, targets="all"), _adapter(tiny_settings)
+    with pytest.raises(IntegrityError):
+        load_weights_blob(serialize_weights(on_mlp, True), attention_only, True)
 
 
 def test_nan_in_a_flat_file_is_refused_by_name(tiny_settings: Settings) -> None:
