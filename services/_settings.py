@@ -20,9 +20,6 @@ Profile = Literal["tiny", "default"]
 
 _DATA = resources.files("services") / "data"
 
-# which projections carry the LoRA adapter: attention (q, k, v, o) or all (+ the MLP's gate, up, down)
-LoraTargets = Literal["attention", "all"]
-
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "student_model": "tiny-llama",
@@ -109,7 +106,9 @@ class Settings(BaseSettings):
     push_every: int = Field(default=1, ge=1)
     lora: bool = True
     lora_rank: int = 8
-    lora_targets: LoraTargets = "attention"
+    # which projections carry the adapter: attention (q,k,v,o) or all (+ the MLP's gate, up, down); the same
+    # Literal as services._models.LoraTargets, spelled again so the settings do not import torch
+    lora_targets: Literal["attention", "all"] = "attention"
     eval_every: int = Field(default=5, ge=1)
     eval_prompts: int = Field(default=8, ge=0)
     judge_concurrency: int = Field(default=8, ge=1)

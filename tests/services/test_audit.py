@@ -11,9 +11,10 @@ from schemas import IntegrityError, JudgedRollout, LearnerStep, PolicyUpdate
 from services._audit import audit_verify, export_policy, lineage, list_policies, policy_file, rejudge, spearman
 from services._data import DATA_DIR, load_constitution
 from services._judge_client import TritonJudge
+from services._models import LoraTargets
 from services._policy import build_policy, serialize_weights
 from services._replay import ReplayFilter
-from services._settings import LoraTargets, Settings
+from services._settings import Settings
 from streams import Publisher, decode, ensure_topics, sha256_hex, split_chunks
 from tests.factories import make_judged, make_rollout
 from tests.services.helpers import collect

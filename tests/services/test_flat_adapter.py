@@ -11,6 +11,7 @@ from safetensors.torch import load as st_load
 from schemas import IntegrityError
 from services import _flat_adapter as flat
 from services import _optim_state
+from services._models import LoraTargets
 from services._policy import (
     apply_weights,
     build_policy,
@@ -20,7 +21,7 @@ from services._policy import (
     serialize_weights,
     weights_on_cpu,
 )
-from services._settings import LoraTargets, Settings
+from services._settings import Settings
 
 
 def _adapter(s: Settings, seed: int = 0, targets: LoraTargets = "attention") -> Any:
