@@ -147,7 +147,12 @@ class Settings(BaseSettings):
 
     # generator / feeder
     max_prompt_lag: int = Field(default=8, ge=1)  # prompts published but not yet taken by a generator
-    generate_batch: int = Field(default=4, ge=1)  # prompts a generator samples together in one batch
+    # a generator samples together what is waiting, up to this many prompts' worth of rows (generate_batch x
+    # group_size: 4 train prompts, or 16 greedy eval prompts of one row each)
+    generate_batch: int = Field(default=4, ge=1)
+    # after the first prompt arrives, how long a generator waits for more to fill the batch: the feeder
+    # publishes a step's prompts one by one, and a lone prompt sampled alone costs ~60% of a full batch
+    generate_linger_ms: int = Field(default=250, ge=0, le=5000)
 
     @model_validator(mode="before")
     @classmethod

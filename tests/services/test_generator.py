@@ -155,3 +155,49 @@ def test_a_policy_file_whose_hash_differs_is_not_staged(tiny_settings: Settings,
     assert gen._staged is None
     gen._stage_file(msgspec.structs.replace(update, sha256=sha256_hex(blob)), path)
     assert gen._staged is not None and gen._staged[0] == 1
+
+
+def test_a_group_shares_its_prompts_prefill_without_changing_a_token(tiny_settings: Settings) -> None:
+    """The prompt runs once and its cache serves the group's samples: with the same seed the sampled tokens
+    and behaviour log-probs are those of running the prompt once per sample."""
+    gen = Generator(tiny_settings)
+    tasks = [
+        PromptTask(prompt_id="t1", text="How do I boil an egg so that the yolk stays soft in the middle?"),
+        PromptTask(prompt_id="t2", text="Why?"),
+    ]
+    shared = gen.generate_batch(tasks)
+    gen._counter = 0  # the same seed again
+    gen._shared_prompt_cache = lambda encoded, n: None  # type: ignore[method-assign]
+    alone = gen.generate_batch(tasks)
+    for a, b in zip([r for g in shared for r in g], [r for g in alone for r in g], strict=True):
+        assert a.completion_token_ids == b.completion_token_ids
+        assert a.sampling.seed == b.sampling.seed
+        assert torch.allclose(torch.tensor(a.behaviour_logprobs), torch.tensor(b.behaviour_logprobs), atol=1e-4)
+
+
+async def test_waiting_prompts_are_sampled_together_up_to_the_row_budget(tiny_settings: Settings) -> None:
+    """16 eval prompts (one row each) are one batch; 6 train prompts (group_size rows each) are a batch of
+    ``generate_batch`` and then the rest."""
+    s = tiny_settings.model_copy(update={"generate_linger_ms": 3000})
+    assert s.generate_batch * s.group_size == 16
+    await ensure_topics(s.kafka, s.topics.specs())
+    async with Publisher(s.kafka) as pub:
+        evals = [PromptTask(prompt_id=f"e{i}", text=f"Name {i} colours.", split="eval") for i in range(16)]
+        await pub.send_many(s.topics.prompts, [(t.prompt_id, t) for t in evals])
+    gen = Generator(s)
+    calls: list[list[str]] = []
+    sample = gen.generate_batch
+
+    def recording(tasks: list[PromptTask]) -> list[list[Rollout]]:
+        calls.append([t.split for t in tasks])
+        return sample(tasks)
+
+    gen.generate_batch = recording  # type: ignore[method-assign]
+    task = asyncio.create_task(gen.run())
+    await collect(s.kafka, s.topics.rollouts, lambda rs: len(rs) >= 16)
+    async with Publisher(s.kafka) as pub:
+        trains = [PromptTask(prompt_id=f"t{i}", text=f"Count to {i}.") for i in range(6)]
+        await pub.send_many(s.topics.prompts, [(t.prompt_id, t) for t in trains])
+    await collect(s.kafka, s.topics.rollouts, lambda rs: len(rs) >= 16 + 6 * s.group_size)
+    await stop_task(task, gen.stop)
+    assert calls == [["eval"] * 16, ["train"] * 4, ["train"] * 2]
