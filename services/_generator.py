@@ -202,15 +202,14 @@ class Generator:
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
         torch.manual_seed(seed)
         encoded = [tok(render_prompt(tok, t.text), add_special_tokens=False)["input_ids"] for t in tasks]
-        prompts = [ids for ids in encoded for _ in range(n)]  # each prompt tokenized once, one row per sample
         # left padding: every row's completion starts at the same column; the attention mask hides the pads and
         # generate() derives position ids from it, so a row's log-probs do not depend on its neighbours
-        input_ids, attention = left_pad(prompts, tok.pad_token_id)
-        width = input_ids.shape[1]
+        unique_ids, unique_attention = left_pad(encoded, tok.pad_token_id)  # each prompt once, then one row a sample
+        width = unique_ids.shape[1]
         out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            past_key_values=self._shared_prompt_cache(encoded, n) if n > 1 and width > 1 else None,
+            input_ids=unique_ids.repeat_interleave(n, dim=0).to(self.device),
+            attention_mask=unique_attention.repeat_interleave(n, dim=0).to(self.device),
+            past_key_values=self._shared_prompt_cache(unique_ids, unique_attention, n) if n > 1 and width > 1 else None,
             do_sample=not greedy,
             temperature=s.temperature if not greedy else None,
             top_p=s.top_p if not greedy else None,
@@ -250,7 +249,7 @@ class Generator:
                         prompt_id=task.prompt_id,
                         prompt=task.text,
                         completion=tok.decode(ids, skip_special_tokens=True).strip(),
-                        prompt_token_ids=prompts[row],
+                        prompt_token_ids=encoded[k],
                         completion_token_ids=ids,
                         behaviour_logprobs=[min(0.0, float(x)) for x in logprobs[row, : len(ids)]],
                         policy_version=self.version,
@@ -263,8 +262,9 @@ class Generator:
             groups.append(rollouts)
         return groups
 
-    def _shared_prompt_cache(self, encoded: list[list[int]], n: int) -> Any:
-        """The key/value cache of each prompt but its last token, computed once and repeated for its n samples.
+    def _shared_prompt_cache(self, ids: torch.Tensor, attention: torch.Tensor, n: int) -> Any:
+        """The key/value cache of each left-padded prompt but its last token, computed once and repeated for
+        its n samples.
 
         generate() would otherwise run every prompt once per sample: with G = 4 and SmolLM2's ~40-token chat
         prompts that prefill was a fifth of a batch's time on a CPU. The rows and their sampled tokens are the
@@ -273,7 +273,6 @@ class Generator:
         """
         from transformers import DynamicCache
 
-        ids, attention = left_pad(encoded, self.tokenizer.pad_token_id)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # what generate() derives for the left-padded rows
         cache = DynamicCache()
         self.model(

@@ -167,7 +167,7 @@ def test_a_group_shares_its_prompts_prefill_without_changing_a_token(tiny_settin
     ]
     shared = gen.generate_batch(tasks)
     gen._counter = 0  # the same seed again
-    gen._shared_prompt_cache = lambda encoded, n: None  # type: ignore[method-assign]
+    gen._shared_prompt_cache = lambda ids, attention, n: None  # type: ignore[method-assign]
     alone = gen.generate_batch(tasks)
     for a, b in zip([r for g in shared for r in g], [r for g in alone for r in g], strict=True):
         assert a.completion_token_ids == b.completion_token_ids
