@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,49 +300,66 @@ class Learner:
                 continue
             kept.append(fresh)
             staleness.extend(st_.version - m.rollout.policy_version for m in fresh)
-        scaled = step_advantages([[m.reward for m in g] for g in kept], self.s.advantage_scale)
+        scaled = step_advantages(
+            [[m.reward for m in g] for g in kept], self.s.advantage_scale, std_floor=self.s.advantage_std_floor
+        )
         for fresh, group_adv in zip(kept, scaled, strict=True):
             rows.extend(fresh)
             advantages.extend(group_adv)
         out: dict[str, float] = {}
         if rows:
-            self.optimizer.zero_grad(set_to_none=True)
-            micro = max(1, len(rows) // self.s.grad_accum)
-            sums: dict[str, float] = {}
-            for start in range(0, len(rows), micro):
-                chunk = rows[start : start + micro]
-                loss, part = micro_batch_loss(
-                    self.model,
-                    self.reference,
-                    [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk],
-                    [m.rollout.behaviour_logprobs for m in chunk],
-                    advantages[start : start + micro],
-                    self.tokenizer.pad_token_id,
-                    chunk[0].rollout.sampling.temperature,
-                    self.loss_cfg,
-                    self.share_prompts,
-                )
-                (loss * len(chunk) / len(rows)).backward()
-                for k, v in part.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)
             lr = learning_rate_at(st_.step, self.s.learning_rate, self.s.lr_decay_steps, self.s.lr_min_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.s.max_grad_norm
-            )
-            self.optimizer.step()
-            out = {**sums, "grad_norm": float(grad_norm), "lr": lr}
+            # Each epoch is one AdamW update on the same rollouts; the clip against the behaviour log-probs
+            # bounds how far the later ones move. Metrics are the first epoch's (what the rollouts saw).
+            for epoch in range(self.s.ppo_epochs):
+                sums, grad_norm = self._update(rows, advantages)
+                if epoch == 0:
+                    out = {**sums, "grad_norm": grad_norm, "lr": lr}
+            if self.s.ppo_epochs > 1:
+                out["clip_frac_last_epoch"] = sums["clip_frac"]
         out.update(
             {
                 "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
                 "trained_rollouts": float(len(rows)),
+                # how far a group's completions spread in reward: near the judge's noise, std scaling amplifies it
+                "reward_std_mean": statistics.fmean(statistics.pstdev(m.reward for m in g) for g in kept)
+                if kept
+                else 0.0,
                 "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
                 "staleness_max": float(max(staleness, default=0)),
             }
         )
         self.record_step(groups, rows)
         return out
+
+    def _update(self, rows: list[JudgedRollout], advantages: list[float]) -> tuple[dict[str, float], float]:
+        """One optimizer update over ``rows`` in ``grad_accum`` micro-batches; its metrics and gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = max(1, len(rows) // self.s.grad_accum)
+        sums: dict[str, float] = {}
+        for start in range(0, len(rows), micro):
+            chunk = rows[start : start + micro]
+            loss, part = micro_batch_loss(
+                self.model,
+                self.reference,
+                [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk],
+                [m.rollout.behaviour_logprobs for m in chunk],
+                advantages[start : start + micro],
+                self.tokenizer.pad_token_id,
+                chunk[0].rollout.sampling.temperature,
+                self.loss_cfg,
+                self.share_prompts,
+            )
+            (loss * len(chunk) / len(rows)).backward()
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.s.max_grad_norm
+        )
+        self.optimizer.step()
+        return sums, float(grad_norm)
 
     def record_step(self, groups: list[list[JudgedRollout]], rows: list[JudgedRollout]) -> None:
         """Ledger bookkeeping of one step: ``rows`` were trained on; ``groups`` leave the buffer."""

@@ -24,8 +24,12 @@ from typing import Any
 import torch
 
 
-def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
+def group_advantages(rewards: Sequence[float], eps: float = 1e-6, std_floor: float = 0.0) -> list[float]:
     """Rewards normalised within their group; a group whose rewards are all equal teaches nothing.
+
+    ``std_floor`` bounds the divisor from below: a group spread less than that (the judge's own noise, once
+    the student's samples all score alike) is scaled as if it spread that much, so its noise is not
+    stretched to +-1 while groups with a real difference keep the plain GRPO scale.
 
     >>> [round(a, 4) for a in group_advantages([1.0, 0.0])]
     [1.0, -1.0]
@@ -33,22 +37,28 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     [0.0, 0.0, 0.0]
     >>> group_advantages([])
     []
+    >>> [round(a, 2) for a in group_advantages([0.51, 0.49], std_floor=0.05)]
+    [0.2, -0.2]
+    >>> [round(a, 2) for a in group_advantages([1.0, 0.0], std_floor=0.05)]
+    [1.0, -1.0]
     """
     n = len(rewards)
     if n == 0:
         return []
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
-    return [(r - mean) / (std + eps) for r in rewards]
+    return [(r - mean) / (max(std, std_floor) + eps) for r in rewards]
 
 
-def step_advantages(groups: Sequence[Sequence[float]], scale: str = "group", eps: float = 1e-6) -> list[list[float]]:
+def step_advantages(
+    groups: Sequence[Sequence[float]], scale: str = "group", eps: float = 1e-6, std_floor: float = 0.0
+) -> list[list[float]]:
     """Advantages of one step's groups: each reward minus its group's mean, divided by a standard deviation.
 
     ``scale="group"`` divides by the group's own (GRPO, :func:`group_advantages`). ``scale="step"`` divides by
     the within-group deviation pooled over the step: a group whose completions score within the judge's noise
     of each other then teaches little, instead of having that noise stretched to +-1 (on SmolLM2, a quarter of
-    the groups spread less than 0.03 in reward).
+    the groups spread less than 0.03 in reward). Either divisor is at least ``std_floor``.
 
     >>> [[round(a, 2) for a in g] for g in step_advantages([[1.0, 0.0], [0.51, 0.49]], "group")]
     [[1.0, -1.0], [1.0, -1.0]]
@@ -56,13 +66,13 @@ def step_advantages(groups: Sequence[Sequence[float]], scale: str = "group", eps
     [[1.41, -1.41], [0.03, -0.03]]
     """
     if scale == "group":
-        return [group_advantages(g, eps) for g in groups]
+        return [group_advantages(g, eps, std_floor) for g in groups]
     if scale != "step":
         raise ValueError(f"advantage scale must be 'group' or 'step', not {scale!r}")
     centred = [[r - sum(g) / len(g) for r in g] if g else [] for g in groups]
     n = sum(len(g) for g in centred)
     pooled = math.sqrt(sum(c * c for g in centred for c in g) / n) if n else 0.0
-    return [[c / (pooled + eps) for c in g] for g in centred]
+    return [[c / (max(pooled, std_floor) + eps) for c in g] for g in centred]
 
 
 def learning_rate_at(step: int, base: float, decay_steps: int, min_ratio: float) -> float:

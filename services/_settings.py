@@ -120,9 +120,13 @@ class Settings(BaseSettings):
     clip_eps: float = 0.2
     max_importance_ratio: float = 5.0
     grad_accum: int = Field(default=1, ge=1)
+    # optimizer updates per step on the same rollouts (PPO's epochs); later ones are clipped against behaviour
+    ppo_epochs: int = Field(default=1, ge=1)
     max_grad_norm: float = 1.0
     # divide group-centred rewards by each group's std ("group", GRPO) or by the step's pooled one ("step")
     advantage_scale: Literal["group", "step"] = "group"
+    # the divisor of the advantages is at least this: a group spread less (judge noise) is not stretched to +-1
+    advantage_std_floor: float = Field(default=0.0, ge=0)
     # cosine decay of learning_rate to learning_rate * lr_min_ratio over lr_decay_steps (0 = constant)
     lr_decay_steps: int = Field(default=0, ge=0)
     lr_min_ratio: float = Field(default=0.1, ge=0, le=1)

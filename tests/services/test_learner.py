@@ -90,13 +90,27 @@ async def test_learner_steps_pushes_dedupes_and_resumes(tiny_settings: Settings)
         assert done.state.step == 3 and done.state.counters == resumed.state.counters
 
 
-@pytest.mark.parametrize("scale", ["group", "step"])
-def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings, scale: str) -> None:
-    """One real gradient step moves probability towards the better completion of a group, whichever std
-    scales the advantages."""
+@pytest.mark.parametrize(
+    ("scale", "floor", "epochs", "lr"),
+    # two AdamW updates at 1e-2 overshoot on the tiny random model: the second can undo the first
+    [("group", 0.0, 1, 1e-2), ("step", 0.0, 1, 1e-2), ("group", 0.05, 1, 1e-2), ("group", 0.0, 2, 1e-3)],
+)
+def test_positive_advantage_raises_completion_logprob(
+    tiny_settings: Settings, scale: str, floor: float, epochs: int, lr: float
+) -> None:
+    """One real learner step moves probability towards the better completion of a group, whichever std
+    scales the advantages (a floor below the group's spread changes nothing) and however many updates it takes."""
     from services._learner_algo import completion_logprobs
 
-    s = tiny_settings.model_copy(update={"learning_rate": 1e-2, "kl_coef": 0.0, "advantage_scale": scale})
+    s = tiny_settings.model_copy(
+        update={
+            "learning_rate": lr,
+            "kl_coef": 0.0,
+            "advantage_scale": scale,
+            "advantage_std_floor": floor,
+            "ppo_epochs": epochs,
+        }
+    )
     learner = Learner(s)
     events = judged_groups(s, 1)
     rewards = [1.0] + [0.0] * (len(events) - 1)
@@ -105,10 +119,17 @@ def test_positive_advantage_raises_completion_logprob(tiny_settings: Settings, s
     seq = [(best.prompt_token_ids, best.completion_token_ids)]
     with torch.no_grad():
         before = completion_logprobs(learner.model, seq, 0)[0].sum().item()
-    learner.train_step([events])
+    metrics = learner.train_step([events])
     with torch.no_grad():
         after = completion_logprobs(learner.model, seq, 0)[0].sum().item()
     assert after > before
+    assert learner.state.step == 1
+    # the first update is on-policy (nothing clipped); the second sees the policy the first one moved
+    assert metrics["clip_frac"] == 0.0
+    if epochs > 1:
+        assert metrics["clip_frac_last_epoch"] > 0.0
+    else:
+        assert "clip_frac_last_epoch" not in metrics
 
 
 def test_checkpoint_after_a_push_refers_to_the_policy_file(tiny_settings: Settings) -> None:
