@@ -145,7 +145,12 @@ def test_the_shipped_training_set_is_apart_from_the_eval_set() -> None:
     train = read_examples(data / "judge_train.jsonl")
     evaluation = [
         json.loads(line)
-        for name in ("judge_eval.jsonl", "judge_eval_student.jsonl", "judge_eval_refusals.jsonl")
+        for name in (
+            "judge_eval.jsonl",
+            "judge_eval_student.jsonl",
+            "judge_eval_refusals.jsonl",
+            "judge_eval_lists.jsonl",
+        )
         for line in (data / name).read_text().splitlines()
         if line.strip()
     ]
