@@ -40,6 +40,7 @@ from services._learner_algo import (
     LossConfig,
     learning_rate_at,
     micro_batch_loss,
+    reference_logprobs,
     share_prompts_by_default,
     step_advantages,
 )
@@ -313,8 +314,9 @@ class Learner:
                 group["lr"] = lr
             # Each epoch is one AdamW update on the same rollouts; the clip against the behaviour log-probs
             # bounds how far the later ones move. Metrics are the first epoch's (what the rollouts saw).
+            ref_cache: dict[int, torch.Tensor] = {}  # micro-batch start -> reference log-probs, kept across epochs
             for epoch in range(self.s.ppo_epochs):
-                sums, grad_norm = self._update(rows, advantages)
+                sums, grad_norm = self._update(rows, advantages, ref_cache)
                 if epoch == 0:
                     out = {**sums, "grad_norm": grad_norm, "lr": lr}
             if self.s.ppo_epochs > 1:
@@ -334,23 +336,35 @@ class Learner:
         self.record_step(groups, rows)
         return out
 
-    def _update(self, rows: list[JudgedRollout], advantages: list[float]) -> tuple[dict[str, float], float]:
-        """One optimizer update over ``rows`` in ``grad_accum`` micro-batches; its metrics and gradient norm."""
+    def _update(
+        self, rows: list[JudgedRollout], advantages: list[float], ref_cache: dict[int, torch.Tensor]
+    ) -> tuple[dict[str, float], float]:
+        """One optimizer update over ``rows`` in ``grad_accum`` micro-batches; its metrics and gradient norm.
+
+        ``ref_cache`` holds each micro-batch's reference log-probs: filled by the first update, reused by the rest.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         micro = max(1, len(rows) // self.s.grad_accum)
         sums: dict[str, float] = {}
         for start in range(0, len(rows), micro):
             chunk = rows[start : start + micro]
+            sequences = [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk]
+            temperature = chunk[0].rollout.sampling.temperature
+            if start not in ref_cache:
+                ref_cache[start] = reference_logprobs(
+                    self.model, self.reference, sequences, self.tokenizer.pad_token_id, temperature, self.share_prompts
+                )
             loss, part = micro_batch_loss(
                 self.model,
                 self.reference,
-                [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk],
+                sequences,
                 [m.rollout.behaviour_logprobs for m in chunk],
                 advantages[start : start + micro],
                 self.tokenizer.pad_token_id,
-                chunk[0].rollout.sampling.temperature,
+                temperature,
                 self.loss_cfg,
                 self.share_prompts,
+                ref_logp=ref_cache[start],
             )
             (loss * len(chunk) / len(rows)).backward()
             for k, v in part.items():

@@ -257,6 +257,22 @@ def share_prompts_by_default(device: str, threads: int) -> bool:
     return device == "cpu" and threads <= 2
 
 
+def reference_logprobs(
+    model: Any,
+    reference: torch.nn.Module | None,
+    sequences: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    temperature: float,
+    share_prompts: bool = True,
+) -> torch.Tensor:
+    """The frozen reference's completion log-probs (see :func:`micro_batch_loss` for ``reference=None``)."""
+    with torch.no_grad():
+        if reference is None:
+            with model.disable_adapter():
+                return completion_logprobs(model, sequences, pad_id, temperature, share_prompts)[0]
+        return completion_logprobs(reference, sequences, pad_id, temperature, share_prompts)[0]
+
+
 def micro_batch_loss(
     model: Any,
     reference: torch.nn.Module | None,
@@ -267,20 +283,18 @@ def micro_batch_loss(
     temperature: float,
     cfg: LossConfig,
     share_prompts: bool = True,
+    ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch and its metrics (with the completions' mean entropy).
 
     ``reference=None`` means a LoRA policy: the frozen reference is the same network with its adapters
     disabled. ``behaviour_logprobs=None`` treats the batch as on-policy (importance ratio 1).
-    ``share_prompts``: see :func:`completion_logprobs`.
+    ``share_prompts``: see :func:`completion_logprobs`. ``ref_logp``: the reference's log-probs of these
+    sequences (:func:`reference_logprobs`), when already known; the reference does not change between updates.
     """
     logp, entropy, mask = completion_logprobs(model, sequences, pad_id, temperature, share_prompts)
-    with torch.no_grad():
-        if reference is None:
-            with model.disable_adapter():
-                ref_logp, _, _ = completion_logprobs(model, sequences, pad_id, temperature, share_prompts)
-        else:
-            ref_logp, _, _ = completion_logprobs(reference, sequences, pad_id, temperature, share_prompts)
+    if ref_logp is None:
+        ref_logp = reference_logprobs(model, reference, sequences, pad_id, temperature, share_prompts)
     if behaviour_logprobs is None:
         behaviour = logp.detach()
     else:
