@@ -150,6 +150,7 @@ def test_the_shipped_training_set_is_apart_from_the_eval_set() -> None:
             "judge_eval_student.jsonl",
             "judge_eval_refusals.jsonl",
             "judge_eval_lists.jsonl",
+            "judge_eval_samples.jsonl",
         )
         for line in (data / name).read_text().splitlines()
         if line.strip()
