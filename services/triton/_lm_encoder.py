@@ -8,6 +8,12 @@ last layers of a small LM specialise in predicting the next token, not in what t
 The conversation is rendered the way the model was tuned to read one (its chat template, the user's request
 and the assistant's response as messages), so text inside a response stays the response's content: it cannot
 close the template's structure, it can only be read as part of the answer.
+
+Two means, side by side: over the whole rendered conversation, and over the response's own tokens. The first
+carries the request (whether a refusal fits it, whether an answer is on topic); the second is the answer
+alone, undiluted by the template and the request, which is what tells fluent word salad that opens with a
+correct fact from an answer (session 17: held-out AUC of ``honest`` on the student's own samples 0.116 with
+the conversation mean alone; see ``docs/algorithm.md``).
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-FEATURES = "chat-meanpool/v1"
+FEATURES = "chat-meanpool+response-meanpool/v2"
+# stands in for the response when finding where the chat template puts it (a private-use code point pair)
+_MARK = "\ue000response\ue001"
 
 
 class LmPairEncoder:
-    """The mean over tokens of the hidden states after ``layer`` decoder layers (or all of them, for a model
-    with fewer), for (request, response) pairs. Layers above ``layer`` are dropped: they are never run."""
+    """For (request, response) pairs, the hidden states after ``layer`` decoder layers (or all of them, for a
+    model with fewer) averaged over the conversation's tokens, then over the response's tokens: ``2 x
+    hidden_size`` features. Layers above ``layer`` are dropped: they are never run."""
 
     def __init__(
         self, model: Any, tokenizer: Any, name: str, layer: int, device: str = "cpu", max_length: int = 384
@@ -56,25 +65,46 @@ class LmPairEncoder:
             return str(self.tokenizer.apply_chat_template(messages, tokenize=False))
         return f"User: {prompt}\nAssistant: {response}"
 
+    def response_span(self, prompt: str, response: str, text: str) -> tuple[int, int]:
+        """Where ``response`` sits in ``text`` (its rendering), by rendering the pair with a mark instead of
+        the response: a search for the response itself could land in the request or the template."""
+        marked = self.render(prompt, _MARK)
+        start = marked.find(_MARK)
+        if start >= 0 and marked[:start] + response + marked[start + len(_MARK) :] == text:
+            return start, start + len(response)
+        start = text.rfind(response)  # a template that rewrites the content: its last verbatim copy
+        return (start, start + len(response)) if start >= 0 else (len(text), len(text))
+
     @torch.inference_mode()
     def pair_features(self, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> NDArray[np.float64]:
         # Every distinct conversation once: a rollout's rows for the different heads carry the same (request,
         # response), and the judge LM's forward is nearly all of the cost: without this, 4 forwards of one text.
         texts = [self.render(p, r) for p, r in pairs]
+        spans = dict(zip(texts, (self.response_span(p, r, t) for (p, r), t in zip(pairs, texts, strict=True))))
         # first-seen order before the (stable) sort: batches, and so the float sums, are the same in every run
         distinct = sorted(dict.fromkeys(texts), key=len)  # batches of similar length pad little
-        out = np.empty((len(distinct), self.model.config.hidden_size), dtype=np.float64)
+        width = self.model.config.hidden_size
+        out = np.empty((len(distinct), 2 * width), dtype=np.float64)
         for start in range(0, len(distinct), batch_size):
+            batch = distinct[start : start + batch_size]
             enc: Any = self.tokenizer(
-                distinct[start : start + batch_size],
+                batch,
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**enc).last_hidden_state.float()
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out[start : start + len(pooled)] = pooled.cpu().numpy()
+                return_offsets_mapping=True,
+            )
+            offsets = enc.pop("offset_mapping")
+            conversation = enc["attention_mask"]
+            # a token is the response's if its characters overlap the response's (a merge across the boundary
+            # counts); a response cut off by truncation, or empty, averages to zeros
+            bounds = torch.tensor([spans[t] for t in batch]).unsqueeze(1)
+            answer = (offsets[..., 0] < bounds[..., 1]) & (offsets[..., 1] > bounds[..., 0]) & conversation.bool()
+            hidden = self.model(**enc.to(self.device)).last_hidden_state.float()
+            for half, mask in enumerate((conversation, answer)):
+                weights = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                out[start : start + len(batch), half * width : (half + 1) * width] = pooled.cpu().numpy()
         row = {text: i for i, text in enumerate(distinct)}
         return out[[row[t] for t in texts]] if texts else out

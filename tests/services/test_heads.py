@@ -193,9 +193,9 @@ async def test_through_triton_a_head_scores_and_an_untrained_one_is_refused(trit
     assert not caught.value.retriable
 
 
-def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation() -> None:
+def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation_and_the_response() -> None:
     """Layers above ``head_layer`` are dropped, and what is left equals the full model's hidden state there
-    (before the final norm), averaged over the tokens of the rendered conversation."""
+    (before the final norm), averaged over the tokens of the rendered conversation, then over the response's."""
     import torch
     from transformers import AutoModel
 
@@ -212,7 +212,11 @@ def test_the_judge_lm_encoder_stops_at_its_layer_and_pools_the_conversation() ->
         ids = enc.tokenizer(enc.render(prompt, response), return_tensors="pt")
         with torch.no_grad():
             hidden = full(**ids, output_hidden_states=True).hidden_states[1][0]
-        np.testing.assert_allclose(got[row], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        # the response's tokens, found by tokenizing what precedes it: the rendering ends with the response
+        n_before = len(enc.tokenizer(enc.render(prompt, response)[: -len(response)])["input_ids"])
+        width = hidden.shape[-1]
+        np.testing.assert_allclose(got[row, :width], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[row, width:], hidden[n_before:].mean(0).numpy(), rtol=1e-4, atol=1e-5)
     shallower = LmPairEncoder.from_pretrained(path, "tiny-judge", layer=99)
     assert shallower.layer == len(full.layers)  # a model with fewer layers: all of them
 
@@ -233,7 +237,7 @@ def test_the_judge_lm_encoder_runs_each_distinct_conversation_once() -> None:
     assert sum(rows_read) == 2
     np.testing.assert_allclose(got, enc.pair_features([a, b])[[0, 1, 0, 0, 1]], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[0], enc.pair_features([a])[0], rtol=1e-4, atol=1e-5)
-    assert enc.pair_features([]).shape == (0, enc.model.config.hidden_size)
+    assert enc.pair_features([]).shape == (0, 2 * enc.model.config.hidden_size)
 
 
 def test_heads_are_served_only_with_the_features_they_were_trained_on(tmp_path: Path) -> None:
