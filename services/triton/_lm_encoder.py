@@ -80,7 +80,7 @@ class LmPairEncoder:
         # Every distinct conversation once: a rollout's rows for the different heads carry the same (request,
         # response), and the judge LM's forward is nearly all of the cost: without this, 4 forwards of one text.
         texts = [self.render(p, r) for p, r in pairs]
-        spans = dict(zip(texts, (self.response_span(p, r, t) for (p, r), t in zip(pairs, texts, strict=True))))
+        spans = {text: self.response_span(p, r, text) for (p, r), text in zip(pairs, texts, strict=True)}
         # first-seen order before the (stable) sort: batches, and so the float sums, are the same in every run
         distinct = sorted(dict.fromkeys(texts), key=len)  # batches of similar length pad little
         width = self.model.config.hidden_size
