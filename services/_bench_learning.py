@@ -181,6 +181,10 @@ async def bench_learning(base: Settings, minutes: float, report: Path) -> dict[s
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_root = Path("runs") / f"bench-learning-{stamp}"
     result: dict[str, Any] = {"minutes_per_run": minutes, "profile": base.profile}
+    if "head" in {p.scorer for p in load_constitution(base.constitution).principles}:
+        from services.triton._heads import heads_identity
+
+        result["judge_heads"] = await asyncio.to_thread(heads_identity, base)
     result["async"] = await run_async(base.model_copy(update={"run_dir": run_root / "async"}), minutes)
     result["sync"] = await run_sync(base.model_copy(update={"run_dir": run_root / "sync"}), minutes)
     await asyncio.to_thread(summarize, result, report)

@@ -89,7 +89,8 @@ class Settings(BaseSettings):
     prompts: Path = Path(str(_DATA / "prompts.jsonl"))
     heads_data: Path | None = None  # labelled set the principle heads are trained on; None = the shipped one
     # what the principle heads read: the judge LM's hidden states after ``head_layer`` layers (averaged over
-    # the conversation), or all-MiniLM-L6-v2 sentence embeddings (the heads' first encoder; less accurate)
+    # the conversation and over the response), or all-MiniLM-L6-v2 sentence embeddings (the heads' first
+    # encoder; less accurate)
     head_encoder: Literal["judge-lm", "minilm"] = "judge-lm"
     head_layer: int = Field(default=20, ge=1)
 

@@ -9,8 +9,9 @@ set) and answers P(consistent) for one (prompt, response) pair.
 Two encoders give the features (``Settings.head_encoder``):
 
 - ``judge-lm`` (default): the judge LM's hidden states after ``head_layer`` layers, averaged over the
-  chat-rendered conversation (``services.triton._lm_encoder``). The same SmolLM2 that answers yes/no badly
-  *represents* the difference well: held-out AUC 0.935 against 0.783 for MiniLM (``docs/algorithm.md``).
+  chat-rendered conversation and, beside that, over the response's tokens (``services.triton._lm_encoder``).
+  The same SmolLM2 that answers yes/no badly *represents* the difference well: held-out AUC 0.935 against
+  0.783 for MiniLM (``docs/algorithm.md``).
 - ``minilm``: all-MiniLM-L6-v2 embeddings of the prompt ``u`` and the response ``v`` (mean-pooled and
   L2-normalised, as sentence-transformers does), features ``[v, u*v, |u-v|, cos(u, v), log1p(words)]``.
 
@@ -291,6 +292,26 @@ def ensure_heads(cache_dir: Path, data: Path | None = None, encoder: PairEncoder
                 cv_auc={n: round(h.cv_auc, 3) for n, h in heads.items()},
             )
     return path
+
+
+def heads_identity(settings: Settings) -> dict[str, Any]:
+    """Which heads a Triton started with ``settings`` serves (trained here if not yet cached): the file, the
+    training data's sha256, the feature recipe and each head's cross-validated AUC. Run reports carry it, so
+    that two runs can be told apart by their judge and a report can be traced to the heads that scored it."""
+    from safetensors import safe_open
+
+    encoder = make_encoder(settings, "cpu")
+    path = ensure_heads(settings.cache_dir, settings.heads_data, encoder)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    heads = {name: round(float(stats["cv_auc"]), 3) for name, stats in json.loads(meta.get("heads", "{}")).items()}
+    return {
+        "file": path.name,
+        "data_sha256": meta.get("data_sha256", ""),
+        "encoder": meta.get("encoder", ""),
+        "features": meta.get("features", ""),
+        "cv_auc": heads,
+    }
 
 
 class PrincipleHeads:

@@ -3,6 +3,7 @@ judge LM's hidden states (the tiny judge: plumbing)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -257,3 +258,9 @@ def test_heads_are_served_only_with_the_features_they_were_trained_on(tmp_path: 
     minilm = PrincipleHeads.from_cache(tmp_path, data=data, settings=as_before)
     assert minilm.encoder.recipe == _heads.MINILM_RECIPE
     assert ensure_heads(tmp_path, data, minilm.encoder) != trained
+    # what a run report records: the file Triton serves, the data it was trained on, the recipe
+    identity = _heads.heads_identity(settings.model_copy(update={"heads_data": data}))
+    assert identity["file"] == trained.name
+    assert identity["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert (identity["encoder"], identity["features"]) == tuple(scorer.encoder.recipe.values())
+    assert set(identity["cv_auc"]) == set(load_heads(trained))
