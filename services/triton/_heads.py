@@ -11,7 +11,7 @@ Two encoders give the features (``Settings.head_encoder``):
 - ``judge-lm`` (default): the judge LM's hidden states after ``head_layer`` layers, averaged over the
   chat-rendered conversation and, beside that, over the response's tokens (``services.triton._lm_encoder``).
   The same SmolLM2 that answers yes/no badly *represents* the difference well: held-out AUC 0.935 against
-  0.783 for MiniLM (``docs/algorithm.md``).
+  0.783 for MiniLM when it was chosen (session 6; ``docs/algorithm.md``).
 - ``minilm``: all-MiniLM-L6-v2 embeddings of the prompt ``u`` and the response ``v`` (mean-pooled and
   L2-normalised, as sentence-transformers does), features ``[v, u*v, |u-v|, cos(u, v), log1p(words)]``.
 
