@@ -192,6 +192,9 @@ _register_extensions()
 
 def main() -> None:
     from schemas import RlaifError
+    from services._proc import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()
 
     try:
         app()

@@ -58,6 +58,20 @@ def test_pipeline_quick() -> None:
     assert details["policy_versions_served"] >= 1  # the real hot-swap path ran under the fake generator
 
 
+def test_allocator_rows_run_each_malloc_in_its_own_child() -> None:
+    from services._models import prepare_model
+    from services._settings import Settings
+    from services.bench._allocator import add_rows, measure_allocators
+    from services.bench._common import Report
+
+    results = measure_allocators(prepare_model("tiny-llama", Settings().cache_dir), repeats=1)
+    assert results["default"]["malloc_arena_max"] is None and results["tuned"]["malloc_arena_max"] == "1"
+    report = Report(suite="compute", quick=True, device="cpu")
+    add_rows(report, results)
+    _check_rows(report.to_dict(), {"learner step, lora, tuned malloc (cpu)", "generator, tuned malloc (cpu)"})
+    assert all(r["project"] > 0 and r["baseline"] > 0 for r in report.to_dict()["rows"])
+
+
 def test_compute_standalone_with_random_weights(tmp_path: Path) -> None:
     """The form that runs on an accelerator box: ``python -m services.bench._compute`` (tiny architecture here)."""
     import subprocess

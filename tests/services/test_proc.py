@@ -71,3 +71,24 @@ def test_workspaces_of_dead_triton_services_are_swept(tmp_path: Path) -> None:
     assert sweep_dead_workspaces(tmp_path) == [gone]
     assert not gone.exists()
     assert alive.exists() and unknown.exists() and garbled.exists() and other.exists()
+
+
+def test_reexec_with_tuned_malloc_keeps_the_pid_and_arguments_and_sets_the_env() -> None:
+    """glibc reads MALLOC_* once at exec, so the CLI re-executes itself with them; the user can opt out."""
+    probe = (
+        "import os, sys; from services._proc import reexec_with_tuned_malloc; reexec_with_tuned_malloc(); "
+        "print(os.getpid(), os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('MALLOC_MMAP_MAX_'), sys.argv[1:])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "RLAIF_TUNE_MALLOC"}
+    proc = subprocess.Popen([sys.executable, "-c", probe, "--flag", "x"], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert out.strip().split(maxsplit=3) == [str(proc.pid), "1", "0", "['--flag', 'x']"]
+
+    opted_out = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "RLAIF_TUNE_MALLOC": "0"}, capture_output=True, text=True
+    )
+    assert opted_out.stdout.split()[1:3] == ["None", "None"]
+    users_own = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True
+    )
+    assert users_own.stdout.split()[1:3] == ["4", "None"]  # their choice stands, nothing added to it
