@@ -192,9 +192,9 @@ _register_extensions()
 
 def main() -> None:
     from schemas import RlaifError
-    from services._proc import reexec_with_tuned_malloc
+    from services._malloc import reexec_with_tuned_malloc
 
-    reexec_with_tuned_malloc()
+    reexec_with_tuned_malloc()  # for `python -m services.cli`; under `rlaif` services._entry already did
 
     try:
         app()

@@ -1,5 +1,5 @@
 """The compute suite's allocator rows: the learner step and the generator under glibc's default malloc and
-under :data:`~services._proc.TUNED_MALLOC`, each in a fresh child process (glibc reads its settings only at
+under :data:`~services._malloc.TUNED_MALLOC`, each in a fresh child process (glibc reads its settings only at
 exec), measured in a worker thread as the learner runs its steps (``asyncio.to_thread``).
 
 ``python -m services.bench._allocator STUDENT_DIR [--repeats N]`` is the child: it prints one JSON line.
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from services._proc import TUNED_MALLOC, tuned_malloc_env
+from services._malloc import TUNED_MALLOC, tuned_malloc_env
 from services.bench._common import Report, Row
 
 

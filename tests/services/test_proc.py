@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from services._proc import StopRequest, free_port
@@ -76,7 +77,7 @@ def test_workspaces_of_dead_triton_services_are_swept(tmp_path: Path) -> None:
 def test_reexec_with_tuned_malloc_keeps_the_pid_and_arguments_and_sets_the_env() -> None:
     """glibc reads MALLOC_* once at exec, so the CLI re-executes itself with them; the user can opt out."""
     probe = (
-        "import os, sys; from services._proc import reexec_with_tuned_malloc; reexec_with_tuned_malloc(); "
+        "import os, sys; from services._malloc import reexec_with_tuned_malloc; reexec_with_tuned_malloc(); "
         "print(os.getpid(), os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('MALLOC_MMAP_MAX_'), sys.argv[1:])"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "RLAIF_TUNE_MALLOC"}
@@ -92,3 +93,16 @@ def test_reexec_with_tuned_malloc_keeps_the_pid_and_arguments_and_sets_the_env()
         [sys.executable, "-c", probe], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True
     )
     assert users_own.stdout.split()[1:3] == ["4", "None"]  # their choice stands, nothing added to it
+
+
+def test_the_console_script_reexecs_before_it_imports_the_cli() -> None:
+    """``rlaif`` (services._entry) re-executes before the CLI's imports, so a re-executed command imports
+    typer, the settings and torch once, not twice."""
+    probe = (
+        "import sys; import services._entry, services._malloc; "
+        "print([m for m in ('typer', 'torch', 'pydantic', 'schemas', 'services.cli') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    with open(Path(__file__).parents[2] / "pyproject.toml", "rb") as fh:
+        assert tomllib.load(fh)["project"]["scripts"]["rlaif"] == "services._entry:main"
