@@ -145,10 +145,12 @@ def completion_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     share_prompts: bool = True,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs (and entropies) of each completion given its prompt, right-padded.
 
-    Returns ``(logp, entropy, mask)``, each (batch, max completion length). With ``share_prompts``,
+    Returns ``(logp, entropy, mask)``, each (batch, max completion length); ``entropy`` is zeros unless
+    ``with_entropy`` (a metric of the policy: the reference's is never read). With ``share_prompts``,
     completions of one prompt (a group) share its forward pass: the prompt runs once and its key/value cache
     serves all of them, which on SmolLM2 with G = 4 and its ~35-token chat prompt skips a third of the tokens
     (gradients flow through the shared cache, so the result is the same as one padded batch;
@@ -172,8 +174,9 @@ def completion_logprobs(
     entropy = torch.zeros((len(sequences), comp_width), device=device)
     mask = torch.zeros((len(sequences), comp_width), device=device)
     logp[rows_t, offsets] = token_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # a metric only: no graph through a second (tokens, vocab) tensor
-        entropy[rows_t, offsets] = -(token_logp.exp() * token_logp).sum(-1)
+    if with_entropy:
+        with torch.no_grad():  # a metric only: no graph through a second (tokens, vocab) tensor
+            entropy[rows_t, offsets] = -(token_logp.exp() * token_logp).sum(-1)
     mask[rows_t, offsets] = 1.0
     return logp, entropy, mask
 
@@ -269,8 +272,8 @@ def reference_logprobs(
     with torch.no_grad():
         if reference is None:
             with model.disable_adapter():
-                return completion_logprobs(model, sequences, pad_id, temperature, share_prompts)[0]
-        return completion_logprobs(reference, sequences, pad_id, temperature, share_prompts)[0]
+                return completion_logprobs(model, sequences, pad_id, temperature, share_prompts, with_entropy=False)[0]
+        return completion_logprobs(reference, sequences, pad_id, temperature, share_prompts, with_entropy=False)[0]
 
 
 def micro_batch_loss(
