@@ -22,7 +22,6 @@ from typing import Any
 import structlog
 import torch
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
 from safetensors.torch import load_file
 
 from schemas import (
@@ -60,7 +59,6 @@ from services._policy import (
     write_safetensors,
 )
 from services._proc import run_until_signalled
-from services._reference import ReferenceAhead, reference_ahead_by_default
 from services._settings import Settings
 from streams import (
     DeadLetterSink,
@@ -132,14 +130,6 @@ class Learner:
         self.share_prompts = (
             share_prompts_by_default(settings.device, settings.torch_threads) if share is None else share
         )
-        ahead = settings.learner_reference_ahead
-        self.reference_ahead: ReferenceAhead | None = None
-        if reference_ahead_by_default(settings.device) if ahead is None else ahead:
-            frozen = self.reference
-            if frozen is None:  # LoRA: the training thread toggles the adapter on the shared base
-                frozen = load_causal_lm(settings.student_model, settings.cache_dir)[0].to(self.device)
-            self.reference_ahead = ReferenceAhead(frozen, self.tokenizer.pad_token_id, self.share_prompts)
-        self._reference_seconds = 0.0
         self.state = LearnerState()
         self.ckpt_path = checkpoint_path(settings.run_dir)
         self.policy_store = (settings.run_dir / "policy").resolve()
@@ -244,8 +234,6 @@ class Learner:
             return
         st_.counters["consumed"] += 1
         group[rollout.rollout_id] = event
-        if self.reference_ahead is not None:
-            self.reference_ahead.offer(rollout)
         st_.group_seen_at.setdefault(rollout.group_id, time.monotonic())
 
     async def _collect_eval(self, event: JudgedRollout) -> None:
@@ -327,15 +315,12 @@ class Learner:
             # Each epoch is one AdamW update on the same rollouts; the clip against the behaviour log-probs
             # bounds how far the later ones move. Metrics are the first epoch's (what the rollouts saw).
             ref_cache: dict[int, torch.Tensor] = {}  # micro-batch start -> reference log-probs, kept across epochs
-            self._reference_seconds = 0.0
             for epoch in range(self.s.ppo_epochs):
                 sums, grad_norm = self._update(rows, advantages, ref_cache)
                 if epoch == 0:
                     out = {**sums, "grad_norm": grad_norm, "lr": lr}
             if self.s.ppo_epochs > 1:
                 out["clip_frac_last_epoch"] = sums["clip_frac"]
-            # on the step's critical path: computing them, or waiting for the ones computed ahead
-            out["reference_seconds"] = self._reference_seconds
         out.update(
             {
                 "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
@@ -366,15 +351,9 @@ class Learner:
             sequences = [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk]
             temperature = chunk[0].rollout.sampling.temperature
             if start not in ref_cache:
-                started = time.perf_counter()
-                ahead = self.reference_ahead.take([m.rollout for m in chunk]) if self.reference_ahead else None
-                if ahead is None:  # not computed ahead (or off): on this thread, now
-                    pad = self.tokenizer.pad_token_id
-                    ahead = reference_logprobs(
-                        self.model, self.reference, sequences, pad, temperature, self.share_prompts
-                    )
-                ref_cache[start] = ahead
-                self._reference_seconds += time.perf_counter() - started
+                ref_cache[start] = reference_logprobs(
+                    self.model, self.reference, sequences, self.tokenizer.pad_token_id, temperature, self.share_prompts
+                )
             loss, part = micro_batch_loss(
                 self.model,
                 self.reference,
@@ -500,16 +479,8 @@ class Learner:
                 while len(ready) >= s.groups_per_step and not (s.max_steps and st_.step >= s.max_steps):
                     groups, ready = ready[: s.groups_per_step], ready[s.groups_per_step :]
                     started = time.perf_counter()
-                    step = asyncio.ensure_future(asyncio.to_thread(self.train_step, groups))
-                    early = await self._read_during(step, consumer)
-                    step_metrics = await step
+                    step_metrics = await asyncio.to_thread(self.train_step, groups)
                     step_metrics["step_seconds"] = time.perf_counter() - started
-                    for record in early:
-                        await self.intake(record)
-                    if early:
-                        ready = self.ready_groups()
-                    if self.reference_ahead is not None:
-                        self.reference_ahead.retain(st_.pending)
                     await self.publisher.send(
                         self.topics.learner,
                         LearnerStep(
@@ -536,41 +507,8 @@ class Learner:
                 pending=sum(len(g) for g in st_.pending.values()),
             )
         finally:
-            if self.reference_ahead is not None:
-                self.reference_ahead.close()
             await stop_consumer(consumer)
             await self.publisher.stop()
-
-    async def _read_during(self, step: asyncio.Future[dict[str, float]], consumer: Any) -> list[Any]:
-        """The records that arrive while ``step`` trains, for :meth:`intake` once it is done.
-
-        Read now so that their groups' reference log-probs are computed while it trains (``ReferenceAhead``);
-        taken in only after it, so the learner's state is never changed under the training thread.
-        """
-        early: list[Any] = []
-        if self.reference_ahead is None:
-            return early
-        while not step.done():
-            try:
-                batches = await consumer.getmany(timeout_ms=200, max_records=500)
-            except KafkaError as exc:  # the loop's own read after the step meets it, as it would have anyway
-                log.warning("read_during_step_failed", error=repr(exc))
-                return early
-            for records in batches.values():
-                for record in records:
-                    early.append(record)
-                    self._offer_early(record)
-        return early
-
-    def _offer_early(self, record: Any) -> None:
-        if self.reference_ahead is None:
-            return
-        try:
-            rollout = decode(record.value, JudgedRollout).rollout
-        except SchemaError:
-            return  # dead-lettered by intake, after the step
-        if rollout.rollout_id not in self.state.trained and rollout.rollout_id not in self.state.dropped:
-            self.reference_ahead.offer(rollout)
 
     def stop(self) -> None:
         self._stop.set()

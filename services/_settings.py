@@ -137,9 +137,6 @@ class Settings(BaseSettings):
     # completions of one prompt share its forward pass (fewer tokens) or the step is one padded batch (fewer
     # forwards); unset = share on a CPU with torch_threads <= 2 only (``share_prompts_by_default``)
     learner_share_prompts: bool | None = None
-    # compute the frozen reference's log-probs of each judged group in a thread of its own while the step
-    # before trains (services/_reference.py); unset = on a CPU only (``reference_ahead_by_default``)
-    learner_reference_ahead: bool | None = None
     checkpoint_every: int = Field(default=10, ge=1)
     # weights up to this size also travel inline on the policy topic (no shared disk needed); bigger ones, and
     # all of them at 0, are read by the generators from the policy store by URI (a shared disk or volume)

@@ -44,7 +44,7 @@ import torch
 from schemas import Constitution, render_judge_question
 from services._learner_algo import LossConfig, group_advantages, micro_batch_loss, share_prompts_by_default
 from services._models import load_tokenizer, with_lora
-from services.bench import _allocator, _reference
+from services.bench import _allocator
 from services.bench._common import Report, Row, realistic_rollout
 from services.triton._lm_encoder import LmPairEncoder
 from services.triton._scorers import LlmJudge
@@ -358,9 +358,6 @@ def run(
     if device != "cpu":
         results["cpu"] = measure(models, constitution, shape, "cpu", repeats, cpu_threads)
     fill_report(report, results, device)
-    if device == "cpu":
-        results["reference_ahead"] = _reference.measure_reference_ahead(models, shape, repeats)
-        _reference.add_rows(report, results["reference_ahead"])
     if device == "cpu" and not models.random_weights and _allocator.applies_here():
         results["allocator"] = _allocator.measure_allocators(models.student_dir, repeats)
         _allocator.add_rows(report, results["allocator"])
