@@ -29,7 +29,7 @@ def measure_allocators(student_dir: Path, repeats: int, threads: int = 1) -> dic
     for name, env in (("default", base), ("tuned", {**base, **TUNED_MALLOC})):
         done = subprocess.run(
             [sys.executable, "-m", __name__, str(student_dir), "--repeats", str(repeats), "--threads", str(threads)],
-            env={**env, "RLAIF_TUNE_MALLOC": "0"},
+            env=env,  # the child is not the CLI: it never re-executes, whatever RLAIF_TUNE_MALLOC says
             capture_output=True,
             text=True,
             check=True,
