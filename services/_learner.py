@@ -316,7 +316,7 @@ class Learner:
             # bounds how far the later ones move. Metrics are the first epoch's (what the rollouts saw).
             ref_cache: dict[int, torch.Tensor] = {}  # micro-batch start -> reference log-probs, kept across epochs
             for epoch in range(self.s.ppo_epochs):
-                sums, grad_norm = self._update(rows, advantages, ref_cache)
+                sums, grad_norm = self._update(rows, advantages, ref_cache, with_entropy=epoch == 0)
                 if epoch == 0:
                     out = {**sums, "grad_norm": grad_norm, "lr": lr}
             if self.s.ppo_epochs > 1:
@@ -337,11 +337,16 @@ class Learner:
         return out
 
     def _update(
-        self, rows: list[JudgedRollout], advantages: list[float], ref_cache: dict[int, torch.Tensor]
+        self,
+        rows: list[JudgedRollout],
+        advantages: list[float],
+        ref_cache: dict[int, torch.Tensor],
+        with_entropy: bool = True,
     ) -> tuple[dict[str, float], float]:
         """One optimizer update over ``rows`` in ``grad_accum`` micro-batches; its metrics and gradient norm.
 
         ``ref_cache`` holds each micro-batch's reference log-probs: filled by the first update, reused by the rest.
+        ``with_entropy``: whether the metrics include the policy's entropy (only the first update's are reported).
         """
         self.optimizer.zero_grad(set_to_none=True)
         micro = max(1, len(rows) // self.s.grad_accum)
@@ -365,6 +370,7 @@ class Learner:
                 self.loss_cfg,
                 self.share_prompts,
                 ref_logp=ref_cache[start],
+                with_entropy=with_entropy,
             )
             (loss * len(chunk) / len(rows)).backward()
             for k, v in part.items():

@@ -287,15 +287,17 @@ def micro_batch_loss(
     cfg: LossConfig,
     share_prompts: bool = True,
     ref_logp: torch.Tensor | None = None,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one micro-batch and its metrics (with the completions' mean entropy).
+    """The loss of one micro-batch and its metrics (with the completions' mean entropy unless not
+    ``with_entropy``: a metric that costs a pass over the (tokens x vocab) log-probs, read from one update a step).
 
     ``reference=None`` means a LoRA policy: the frozen reference is the same network with its adapters
     disabled. ``behaviour_logprobs=None`` treats the batch as on-policy (importance ratio 1).
     ``share_prompts``: see :func:`completion_logprobs`. ``ref_logp``: the reference's log-probs of these
     sequences (:func:`reference_logprobs`), when already known; the reference does not change between updates.
     """
-    logp, entropy, mask = completion_logprobs(model, sequences, pad_id, temperature, share_prompts)
+    logp, entropy, mask = completion_logprobs(model, sequences, pad_id, temperature, share_prompts, with_entropy)
     if ref_logp is None:
         ref_logp = reference_logprobs(model, reference, sequences, pad_id, temperature, share_prompts)
     if behaviour_logprobs is None:
@@ -306,5 +308,6 @@ def micro_batch_loss(
             behaviour[i, : len(row)] = torch.tensor(row, device=logp.device)
     adv = torch.tensor(list(advantages), device=logp.device)
     loss, metrics = policy_loss(logp, behaviour, ref_logp, adv, mask, cfg)
-    metrics["entropy"] = float(((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item())
+    if with_entropy:
+        metrics["entropy"] = float(((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item())
     return loss, metrics

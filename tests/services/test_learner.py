@@ -126,6 +126,7 @@ def test_positive_advantage_raises_completion_logprob(
     assert learner.state.step == 1
     # the first update is on-policy (nothing clipped); the second sees the policy the first one moved
     assert metrics["clip_frac"] == 0.0
+    assert metrics["entropy"] > 0.0  # the first update's; the later ones skip computing it
     if epochs > 1:
         assert metrics["clip_frac_last_epoch"] > 0.0
     else:
