@@ -341,7 +341,7 @@ class Learner:
         rows: list[JudgedRollout],
         advantages: list[float],
         ref_cache: dict[int, torch.Tensor],
-        with_entropy: bool = True,
+        with_entropy: bool,
     ) -> tuple[dict[str, float], float]:
         """One optimizer update over ``rows`` in ``grad_accum`` micro-batches; its metrics and gradient norm.
 
