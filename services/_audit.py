@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -122,14 +123,17 @@ async def policy_blob(settings: Settings, version: int, source: Source = "kafka"
     return update, blob
 
 
-def _lora_layout(tensors: dict[str, Any]) -> tuple[int, LoraTargets]:
-    """(rank, targets) of a LoRA policy file, read from its tensors rather than trusted from settings, so
-    an export rebuilds the adapter the learner actually trained."""
+def _lora_layout(tensors: dict[str, Any]) -> tuple[int, LoraTargets, int]:
+    """(rank, targets, top layers) of a LoRA policy file, read from its tensors rather than trusted from
+    settings, so an export rebuilds the adapter the learner actually trained. The adapter sits in the top
+    layers, the last one included, so the lowest adapted layer says how many; 0 = every layer."""
     ranks = [int(t.shape[0]) for name, t in tensors.items() if "lora_A" in name]
     if not ranks:
         raise IntegrityError("a LoRA policy without lora_A tensors")
     on_mlp = any(".mlp." in name for name in tensors)
-    return ranks[0], "all" if on_mlp else "attention"
+    layers = [int(m.group(1)) for name in tensors if (m := re.search(r"\.layers\.(\d+)\.", name))]
+    top = max(layers) + 1 - min(layers) if layers and min(layers) > 0 else 0
+    return ranks[0], "all" if on_mlp else "attention", top
 
 
 def export_model(settings: Settings, update: PolicyUpdate, blob: bytes, out_dir: Path) -> dict[str, Any]:
@@ -139,9 +143,16 @@ def export_model(settings: Settings, update: PolicyUpdate, blob: bytes, out_dir:
     from services._policy import apply_weights, build_policy, load_weights_blob
 
     lora = update.kind == "lora"
-    rank, targets = _lora_layout(st_load(blob)) if lora else (settings.lora_rank, settings.lora_targets)
+    layout = _lora_layout(st_load(blob)) if lora else (settings.lora_rank, settings.lora_targets, 0)
+    rank, targets, top_layers = layout
     model, tokenizer = build_policy(
-        update.base_model, settings.cache_dir, lora=lora, lora_rank=rank, lora_targets=targets, seed=settings.seed
+        update.base_model,
+        settings.cache_dir,
+        lora=lora,
+        lora_rank=rank,
+        lora_targets=targets,
+        lora_layers=top_layers,
+        seed=settings.seed,
     )
     tensors = load_weights_blob(blob, model, lora)  # names, shapes, dtypes and finiteness checked
     apply_weights(model, tensors, lora)
@@ -158,6 +169,7 @@ def export_model(settings: Settings, update: PolicyUpdate, blob: bytes, out_dir:
         "sha256": update.sha256,
         "lora_rank": rank if lora else None,
         "lora_targets": targets if lora else None,
+        "lora_layers": (top_layers or None) if lora else None,
     }
     (out_dir / "rlaif_policy.json").write_text(json.dumps(meta, indent=2))
     return meta

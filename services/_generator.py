@@ -95,6 +95,7 @@ class Generator:
             lora=settings.lora,
             lora_rank=settings.lora_rank,
             lora_targets=settings.lora_targets,
+            lora_layers=settings.lora_layers,
             seed=settings.seed,
             device=settings.device,
         )

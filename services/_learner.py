@@ -12,6 +12,7 @@ reuses a version number.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -36,6 +37,7 @@ from schemas import (
 from services import _metrics as metrics
 from services import _optim_state
 from services._data import load_prompts
+from services._frozen_prefix import FrozenPrefix
 from services._learner_algo import (
     LossConfig,
     learning_rate_at,
@@ -114,6 +116,7 @@ class Learner:
             lora=settings.lora,
             lora_rank=settings.lora_rank,
             lora_targets=settings.lora_targets,
+            lora_layers=settings.lora_layers,
             seed=settings.seed,
             device=settings.device,
         )
@@ -123,6 +126,10 @@ class Learner:
         self.reference = None
         if not settings.lora:
             self.reference = load_causal_lm(settings.student_model, settings.cache_dir)[0].to(self.device).eval()
+        # LoRA in the top layers only: the layers below run once a step, in the reference pass, and are replayed
+        n_layers = int(self.model.config.num_hidden_layers)
+        frozen = n_layers - settings.lora_layers if settings.lora and 0 < settings.lora_layers < n_layers else 0
+        self.frozen_prefix = FrozenPrefix(self.model, frozen) if frozen else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
         self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)
@@ -321,6 +328,8 @@ class Learner:
                     out = {**sums, "grad_norm": grad_norm, "lr": lr}
             if self.s.ppo_epochs > 1:
                 out["clip_frac_last_epoch"] = sums["clip_frac"]
+            if self.frozen_prefix is not None:
+                self.frozen_prefix.forget()
         out.update(
             {
                 "reward_mean": sum(m.reward for g in groups for m in g) / max(1, sum(len(g) for g in groups)),
@@ -355,23 +364,31 @@ class Learner:
             chunk = rows[start : start + micro]
             sequences = [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk]
             temperature = chunk[0].rollout.sampling.temperature
+            prefix = self.frozen_prefix
             if start not in ref_cache:
-                ref_cache[start] = reference_logprobs(
-                    self.model, self.reference, sequences, self.tokenizer.pad_token_id, temperature, self.share_prompts
+                with prefix.recording(start) if prefix else contextlib.nullcontext():
+                    ref_cache[start] = reference_logprobs(
+                        self.model,
+                        self.reference,
+                        sequences,
+                        self.tokenizer.pad_token_id,
+                        temperature,
+                        self.share_prompts,
+                    )
+            with prefix.replaying(start) if prefix else contextlib.nullcontext():
+                loss, part = micro_batch_loss(
+                    self.model,
+                    self.reference,
+                    sequences,
+                    [m.rollout.behaviour_logprobs for m in chunk],
+                    advantages[start : start + micro],
+                    self.tokenizer.pad_token_id,
+                    temperature,
+                    self.loss_cfg,
+                    self.share_prompts,
+                    ref_logp=ref_cache[start],
+                    with_entropy=with_entropy,
                 )
-            loss, part = micro_batch_loss(
-                self.model,
-                self.reference,
-                sequences,
-                [m.rollout.behaviour_logprobs for m in chunk],
-                advantages[start : start + micro],
-                self.tokenizer.pad_token_id,
-                temperature,
-                self.loss_cfg,
-                self.share_prompts,
-                ref_logp=ref_cache[start],
-                with_entropy=with_entropy,
-            )
             (loss * len(chunk) / len(rows)).backward()
             for k, v in part.items():
                 sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)

@@ -188,11 +188,21 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def with_lora(model: Any, lora_rank: int, seed: int = 0, targets: LoraTargets = "attention") -> Any:
+def with_lora(
+    model: Any, lora_rank: int, seed: int = 0, targets: LoraTargets = "attention", top_layers: int = 0
+) -> Any:
     """The project's LoRA adapter (rank r, alpha 2r) around ``model``: on the attention projections, or
-    (``all``) on the MLP's too."""
+    (``all``) on the MLP's too; in every decoder layer, or (``top_layers`` > 0) in the top ones only."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # identical adapter init everywhere (B = 0, so v0 == the base model)
-    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS[targets])
+    n_layers = int(model.config.num_hidden_layers)
+    layers = list(range(n_layers - top_layers, n_layers)) if 0 < top_layers < n_layers else None
+    config = LoraConfig(
+        r=lora_rank,
+        lora_alpha=2 * lora_rank,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS[targets],
+        layers_to_transform=layers,
+    )
     return get_peft_model(model, config)

@@ -35,6 +35,7 @@ def build_policy(
     lora: bool,
     lora_rank: int = 8,
     lora_targets: LoraTargets = "attention",
+    lora_layers: int = 0,
     seed: int = 0,
     device: str = "cpu",
 ) -> tuple[Any, Any]:
@@ -42,7 +43,7 @@ def build_policy(
     build it before an optimizer holds its parameters."""
     model, tok = load_causal_lm(model_name, cache_dir)
     if lora:
-        model = with_lora(model, lora_rank, seed, lora_targets)
+        model = with_lora(model, lora_rank, seed, lora_targets, lora_layers)
     model.to(torch.device(device))
     if lora:
         _flat.flatten(model, _travelling(model, lora=True))

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     # which projections carry the adapter: attention (q,k,v,o) or all (+ the MLP's gate, up, down); the same
     # Literal as services._models.LoraTargets, spelled again so the settings do not import torch
     lora_targets: Literal["attention", "all"] = "attention"
+    # the adapter in the top N decoder layers only (0 = all): the learner then runs the layers below it once a
+    # step (the reference pass) and replays them in its updates (services._frozen_prefix)
+    lora_layers: int = Field(default=0, ge=0)
     eval_every: int = Field(default=5, ge=1)
     eval_prompts: int = Field(default=8, ge=0)
     judge_concurrency: int = Field(default=8, ge=1)

@@ -42,7 +42,14 @@ from typing import Any
 import torch
 
 from schemas import Constitution, render_judge_question
-from services._learner_algo import LossConfig, group_advantages, micro_batch_loss, share_prompts_by_default
+from services._frozen_prefix import FrozenPrefix
+from services._learner_algo import (
+    LossConfig,
+    group_advantages,
+    micro_batch_loss,
+    reference_logprobs,
+    share_prompts_by_default,
+)
 from services._models import load_tokenizer, with_lora
 from services.bench import _allocator
 from services.bench._common import Report, Row, realistic_rollout
@@ -60,6 +67,8 @@ class Shape:
     completion_tokens: int = 40
     max_new_tokens: int = 40
     lora_rank: int = 8
+    lora_top_layers: int = 15
+    ppo_epochs: int = 2
     judge_rollouts: int = 16
     head_layer: int = 20
     head_principles: int = 4
@@ -193,6 +202,59 @@ def measure_learner_step(
     return {"step_s": seconds, "tokens_per_s": tokens / seconds, "rollouts": float(n), "tokens": float(tokens)}
 
 
+def measure_lora_layers(
+    models: Models, shape: Shape, device: str, repeats: int, share_prompts: bool
+) -> dict[str, float]:
+    """A whole learner step as the default profile runs it (the reference pass once, then ``ppo_epochs``
+    updates, the adapter on every projection) with the adapter in every layer, against the adapter in the top
+    ``lora_top_layers`` only with the layers below replayed from the reference pass (:class:`FrozenPrefix`)."""
+    out: dict[str, float] = {}
+    for label, wanted in (("every_layer_s", 0), ("top_layers_s", shape.lora_top_layers)):
+        step, top, layers = _default_learner_step(models, shape, device, share_prompts, wanted)
+        out[label] = _best_seconds(step, device, repeats)
+        out["top_layers"], out["layers"] = float(top), float(layers)
+    return out
+
+
+def _default_learner_step(
+    models: Models, shape: Shape, device: str, share_prompts: bool, top_layers: int
+) -> tuple[Callable[[], None], int, int]:
+    """(one learner step, the adapter's top layers, the model's layers); ``top_layers=0``: every layer."""
+    base, tok = models.load("student", device)
+    layers = int(base.config.num_hidden_layers)
+    top = min(top_layers, layers - 1)  # the tiny student has 2 layers: its top one
+    model = with_lora(base, shape.lora_rank, targets="all", top_layers=top)
+    model.train()
+    prefix = FrozenPrefix(model, layers - top) if top else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    n = shape.groups_per_step * shape.group_size
+    rollouts = [
+        realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
+        for i in range(n)
+    ]
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    seqs = [([t % vocab for t in r.prompt_token_ids], [t % vocab for t in r.completion_token_ids]) for r in rollouts]
+    rewards = [((i * 37) % 11) / 10 for i in range(n)]
+    advantages = [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])]
+    pad, cfg = tok.pad_token_id, LossConfig()
+
+    def step() -> None:
+        with prefix.recording(0) if prefix else contextlib.nullcontext():
+            ref = reference_logprobs(model, None, seqs, pad, 1.0, share_prompts)
+        for epoch in range(shape.ppo_epochs):
+            optimizer.zero_grad(set_to_none=True)
+            with prefix.replaying(0) if prefix else contextlib.nullcontext():
+                loss, _ = micro_batch_loss(
+                    model, None, seqs, None, advantages, pad, 1.0, cfg, share_prompts, ref, epoch == 0
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+
+    return step, top, layers
+
+
 def measure_generator(models: Models, shape: Shape, device: str, repeats: int) -> dict[str, float]:
     model, tok = models.load("student", device)
     model.eval()
@@ -257,6 +319,7 @@ def measure(
             "learner_full": measure_learner_step(models, shape, device, False, repeats, share_prompts=share),
             "learner_lora_other": measure_learner_step(models, shape, device, True, repeats, share_prompts=not share),
             "learner_shares_prompts": share,
+            "learner_lora_layers": measure_lora_layers(models, shape, device, repeats, share),
             "generator": measure_generator(models, shape, device, repeats),
             "heads_encoder": measure_heads_encoder(models, shape, device, repeats),
         }
@@ -309,6 +372,17 @@ def fill_report(report: Report, results: dict[str, dict[str, Any]], device: str)
             "s/step",
             ratio_meaning=f"vs the default here ({default_way})",
             note="the learner's other way of running a step (learner_share_prompts)",
+        )
+    )
+    lay = m["learner_lora_layers"]
+    report.add(
+        Row(
+            f"learner step, LoRA in the top {int(lay['top_layers'])} of {int(lay['layers'])} layers ({device})",
+            lay["top_layers_s"],
+            lay["every_layer_s"],
+            "s/step",
+            ratio_meaning="vs the adapter in every layer (lower is better)",
+            note="reference pass + 2 updates, adapter on every projection; the frozen layers replayed (lora_layers)",
         )
     )
     report.add(

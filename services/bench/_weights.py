@@ -183,7 +183,11 @@ async def _one_mode(
         update: dict[str, Any] = {"lora": lora, "kafka": cfg, "run_dir": Path(tmp) / "run", **overrides}
         settings = base.model_copy(update=update)
         build = functools.partial(
-            build_policy, lora=lora, lora_rank=settings.lora_rank, lora_targets=settings.lora_targets
+            build_policy,
+            lora=lora,
+            lora_rank=settings.lora_rank,
+            lora_targets=settings.lora_targets,
+            lora_layers=settings.lora_layers,
         )
         model, _ = build(settings.student_model, settings.cache_dir)
         readers = [build(settings.student_model, settings.cache_dir)[0] for _ in range(N_GENERATORS)]

@@ -21,10 +21,18 @@ from tests.services.helpers import collect
 
 
 async def publish_version(
-    s: Settings, version: int, *, lora: bool, keep_file: bool = True, targets: LoraTargets = "attention"
+    s: Settings,
+    version: int,
+    *,
+    lora: bool,
+    keep_file: bool = True,
+    targets: LoraTargets = "attention",
+    top_layers: int = 0,
 ) -> torch.nn.Module:
     """A trained-looking policy version: perturbed weights, stored and announced like the learner does."""
-    model, _ = build_policy(s.student_model, s.cache_dir, lora=lora, lora_rank=4, lora_targets=targets, seed=0)
+    model, _ = build_policy(
+        s.student_model, s.cache_dir, lora=lora, lora_rank=4, lora_targets=targets, lora_layers=top_layers, seed=0
+    )
     torch.manual_seed(version)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,19 +66,22 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("lora", "targets"), [(True, "attention"), (True, "all"), (False, "attention")], ids=["lora", "lora-mlp", "full"]
+    ("lora", "targets", "top_layers"),
+    [(True, "attention", 0), (True, "all", 0), (True, "all", 1), (False, "attention", 0)],
+    ids=["lora", "lora-mlp", "lora-top-layer", "full"],
 )
 async def test_policy_export_loads_with_plain_transformers(
-    tiny_settings: Settings, tmp_path: Path, lora: bool, targets: LoraTargets
+    tiny_settings: Settings, tmp_path: Path, lora: bool, targets: LoraTargets, top_layers: int
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     s = tiny_settings  # settings say attention-only: the export must take the layout from the file
     await ensure_topics(s.kafka, s.topics.specs())
-    trained = await publish_version(s, 1, lora=lora, targets=targets)
+    trained = await publish_version(s, 1, lora=lora, targets=targets, top_layers=top_layers)
     meta = await export_policy(s, 1, tmp_path / "export")
     assert meta["kind"] == ("lora" if lora else "full")
     assert meta["lora_targets"] == (targets if lora else None)
+    assert meta["lora_layers"] == (top_layers or None)
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
     assert torch.allclose(logits(exported), logits(trained), atol=1e-5)
     base, _ = build_policy(s.student_model, s.cache_dir, lora=False)
