@@ -105,6 +105,7 @@ async def run_consumer(
             stop_at_end=stop_at_end,
             idle_timeout_s=idle_timeout_s,
             start_offsets=dict(start_offsets) if start_offsets else None,
+            fetch_max_wait_ms=settings.observer_fetch_wait_ms,
         ):
             await consumer.handle(record)
             handled += 1

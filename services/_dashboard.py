@@ -277,7 +277,9 @@ class Dashboard:
             self.stats = DashboardStats(rollouts_topic=self.settings.topics.rollouts)
             self.following = True
             try:
-                await follow(self.settings.kafka, self.settings.topics, self.stats)
+                await follow(
+                    self.settings.kafka, self.settings.topics, self.stats, self.settings.observer_fetch_wait_ms
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker may be starting, restarting or gone: retry

@@ -67,7 +67,9 @@ class Feeder:
         log.info("eval_round_published", eval_round=eval_round, prompts=len(self.eval))
 
     async def watch_learner(self) -> None:
-        async for record in read_from_start(self.s.kafka, [self.topics.learner]):
+        async for record in read_from_start(
+            self.s.kafka, [self.topics.learner], fetch_max_wait_ms=self.s.feeder_fetch_wait_ms
+        ):
             try:
                 step = decode(record.value, LearnerStep)
             except SchemaError:

@@ -126,10 +126,11 @@ class RunStats:
         }
 
 
-async def follow(cfg: KafkaConfig, topics: Topics, stats: RunStats) -> None:
-    """Feed every record of the run's topics into ``stats``; runs until cancelled."""
+async def follow(cfg: KafkaConfig, topics: Topics, stats: RunStats, fetch_max_wait_ms: int = 500) -> None:
+    """Feed every record of the run's topics into ``stats``; runs until cancelled (see
+    ``Settings.observer_fetch_wait_ms`` for the wait)."""
     names = [topics.rollouts, topics.rewards, topics.policy, topics.learner, topics.eval, topics.dead_letters]
-    async for record in read_from_start(cfg, names):
+    async for record in read_from_start(cfg, names, fetch_max_wait_ms=fetch_max_wait_ms):
         stats.observe(record)
 
 

@@ -288,7 +288,7 @@ async def up(
             )
         sup.add(Child("feeder", _service_argv("feeder"), env, logs / "feeder.log"))
         sup.add(Child("archive", [*_service_argv("consumer"), "run", "archive"], env, logs / "archive.log"))
-        monitor = asyncio.create_task(follow(settings.kafka, settings.topics, stats))
+        monitor = asyncio.create_task(follow(settings.kafka, settings.topics, stats, settings.observer_fetch_wait_ms))
         from services._progress import Progress
 
         progress = Progress(stats, sup, live=live)
