@@ -179,15 +179,7 @@ def measure_learner_step(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    n = shape.groups_per_step * shape.group_size
-    rollouts = [
-        realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
-        for i in range(n)
-    ]
-    vocab = int(model.get_input_embeddings().num_embeddings)
-    seqs = [([t % vocab for t in r.prompt_token_ids], [t % vocab for t in r.completion_token_ids]) for r in rollouts]
-    rewards = [((i * 37) % 11) / 10 for i in range(n)]
-    advantages = [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])]
+    seqs, advantages = _step_batch(shape, int(model.get_input_embeddings().num_embeddings))
     pad = tok.pad_token_id
 
     def step() -> None:
@@ -199,7 +191,20 @@ def measure_learner_step(
 
     seconds = _best_seconds(step, device, repeats)
     tokens = sum(len(p) + len(c) for p, c in seqs)
-    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "rollouts": float(n), "tokens": float(tokens)}
+    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "rollouts": float(len(seqs)), "tokens": float(tokens)}
+
+
+def _step_batch(shape: Shape, vocab: int) -> tuple[list[tuple[list[int], list[int]]], list[float]]:
+    """One learner step's (prompt, completion) token ids and group-normalised advantages, of the shape's size."""
+    n = shape.groups_per_step * shape.group_size
+    rollouts = [
+        realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
+        for i in range(n)
+    ]
+    seqs = [([t % vocab for t in r.prompt_token_ids], [t % vocab for t in r.completion_token_ids]) for r in rollouts]
+    rewards = [((i * 37) % 11) / 10 for i in range(n)]
+    advantages = [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])]
+    return seqs, advantages
 
 
 def measure_lora_layers(
@@ -228,15 +233,7 @@ def _default_learner_step(
     prefix = FrozenPrefix(model, layers - top) if top else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    n = shape.groups_per_step * shape.group_size
-    rollouts = [
-        realistic_rollout(shape.prompt_tokens, shape.completion_tokens, seq=i, group_size=shape.group_size)
-        for i in range(n)
-    ]
-    vocab = int(model.get_input_embeddings().num_embeddings)
-    seqs = [([t % vocab for t in r.prompt_token_ids], [t % vocab for t in r.completion_token_ids]) for r in rollouts]
-    rewards = [((i * 37) % 11) / 10 for i in range(n)]
-    advantages = [a for g in range(0, n, shape.group_size) for a in group_advantages(rewards[g : g + shape.group_size])]
+    seqs, advantages = _step_batch(shape, int(model.get_input_embeddings().num_embeddings))
     pad, cfg = tok.pad_token_id, LossConfig()
 
     def step() -> None:
