@@ -40,8 +40,7 @@ class FrozenPrefix:
         if not 0 < count < len(layers):
             raise ValueError(f"a frozen prefix of {count} layers in a model of {len(layers)}")
         for i, layer in enumerate(layers[:count]):
-            adapted = [n for n, p in layer.named_parameters() if p.requires_grad or "lora_" in n]
-            if adapted:
+            if adapted := _adapted(layer):
                 raise ValueError(f"layer {i} is not frozen (it has {adapted[0]}): it cannot be replayed")
         self.count = count
         self._tapes: dict[Hashable, _Tape] = {}
@@ -50,6 +49,13 @@ class FrozenPrefix:
         self._cursor = [0] * count
         for i, layer in enumerate(layers[:count]):
             layer.forward = self._patched(i, layer.forward)
+
+    @classmethod
+    def below_adapter(cls, model: Any) -> FrozenPrefix | None:
+        """The layers below a LoRA adapter's lowest layer, or None when the adapter starts at the bottom."""
+        layers = _decoder_layers(model)
+        lowest = next((i for i, layer in enumerate(layers) if _adapted(layer)), 0)
+        return cls(model, lowest) if lowest else None
 
     @contextlib.contextmanager
     def recording(self, key: Hashable) -> Iterator[None]:
@@ -121,6 +127,11 @@ def _decoder_layers(model: Any) -> Any:
     """The decoder layers of a (peft-wrapped) transformers causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model.layers
+
+
+def _adapted(layer: Any) -> list[str]:
+    """The names of a layer's trainable or adapter parameters."""
+    return [n for n, p in layer.named_parameters() if p.requires_grad or "lora_" in n]
 
 
 def _layer_cache(cache: Any, index: int) -> Any:

@@ -127,9 +127,7 @@ class Learner:
         if not settings.lora:
             self.reference = load_causal_lm(settings.student_model, settings.cache_dir)[0].to(self.device).eval()
         # LoRA in the top layers only: the layers below run once a step, in the reference pass, and are replayed
-        n_layers = int(self.model.config.num_hidden_layers)
-        frozen = n_layers - settings.lora_layers if settings.lora and 0 < settings.lora_layers < n_layers else 0
-        self.frozen_prefix = FrozenPrefix(self.model, frozen) if frozen else None
+        self.frozen_prefix = FrozenPrefix.below_adapter(self.model) if settings.lora else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
         self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)

@@ -126,7 +126,7 @@ class RunStats:
         }
 
 
-async def follow(cfg: KafkaConfig, topics: Topics, stats: RunStats, fetch_max_wait_ms: int = 500) -> None:
+async def follow(cfg: KafkaConfig, topics: Topics, stats: RunStats, fetch_max_wait_ms: int) -> None:
     """Feed every record of the run's topics into ``stats``; runs until cancelled (see
     ``Settings.observer_fetch_wait_ms`` for the wait)."""
     names = [topics.rollouts, topics.rewards, topics.policy, topics.learner, topics.eval, topics.dead_letters]

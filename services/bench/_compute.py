@@ -230,7 +230,7 @@ def _default_learner_step(
     top = min(top_layers, layers - 1)  # the tiny student has 2 layers: its top one
     model = with_lora(base, shape.lora_rank, targets="all", top_layers=top)
     model.train()
-    prefix = FrozenPrefix(model, layers - top) if top else None
+    prefix = FrozenPrefix.below_adapter(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     seqs, advantages = _step_batch(shape, int(model.get_input_embeddings().num_embeddings))

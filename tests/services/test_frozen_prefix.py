@@ -75,6 +75,7 @@ def test_a_replay_of_other_sequences_or_an_adapted_layer_is_refused(tiny_setting
     everywhere, _ = build_policy(tiny_settings.student_model, tiny_settings.cache_dir, lora=True, lora_rank=4)
     with pytest.raises(ValueError, match="not frozen"):
         FrozenPrefix(everywhere, 1)
+    assert FrozenPrefix.below_adapter(everywhere) is None
 
 
 def test_the_learner_replays_the_bottom_and_trains_the_same_adapter(tiny_settings: Settings) -> None:
