@@ -5,7 +5,8 @@ partition with the offsets the ``generators`` group has committed (at most ``max
 and it counts the groups the learner has trained on (from the learner topic), keeping at most two steps'
 worth of groups in flight (one if ``max_staleness`` is 0), so generation never runs far ahead of learning.
 Every ``eval_every`` learner steps it also publishes the held-out eval prompts, tagged with an eval round,
-which generators answer greedily.
+which generators answer greedily: behind the train prompts that refill the window (``next_publication``), so
+a generator busy with an eval round still has the learner's next step queued before it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,27 @@ from streams import Publisher, decode, ensure_topics, make_consumer, read_from_s
 log = structlog.get_logger(__name__)
 
 
+def next_publication(*, window_has_room: bool, eval_due: bool) -> str:
+    """What the feeder publishes next: ``"train"``, ``"eval"`` or ``"wait"``.
+
+    Train prompts come first while the in-flight window has room; a due eval round goes out only once the
+    window is full, so it queues behind the groups of the learner's next step. Published first, it held the
+    generator for a whole round (16 greedy answers, ~25 s on a CPU) while the learner, with one step's groups
+    in hand, trained them and then waited for the next (measured: every second step after an eval round took
+    13-33 s longer, ~10% of the learner's wall time).
+
+    >>> next_publication(window_has_room=True, eval_due=True)
+    'train'
+    >>> next_publication(window_has_room=False, eval_due=True)
+    'eval'
+    >>> next_publication(window_has_room=False, eval_due=False)
+    'wait'
+    """
+    if window_has_room:
+        return "train"
+    return "eval" if eval_due else "wait"
+
+
 class Feeder:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -36,6 +58,7 @@ class Feeder:
         self.published: dict[int, int] = {}  # partition -> next offset (we are the only producer)
         self._stop = asyncio.Event()
         self._eval_rounds_done: set[int] = set()
+        self._eval_due: list[int] = []
         self.train_published = 0
         self.groups_trained = 0
         # Generation must not run far ahead of learning. Two steps' worth in flight keep a learner busy (one
@@ -76,7 +99,7 @@ class Feeder:
                 continue  # the learner topic is ours; the monitor reports malformed records
             self.groups_trained = max(self.groups_trained, step.step * self.s.groups_per_step)
             if step.step % self.s.eval_every == 0:
-                await self.publish_eval(step.step)
+                self._eval_due.append(step.step)
 
     async def run(self) -> None:
         await ensure_topics(self.s.kafka, self.topics.specs())
@@ -87,10 +110,20 @@ class Feeder:
         rng = random.Random(self.s.seed)
         order: list[PromptTask] = []
         try:
-            await self.publish_eval(0)
+            await self.publish_eval(0)  # the base policy's round, before any training
             while not self._stop.is_set():
-                inflight = self.train_published - self.groups_trained
-                if inflight >= self.max_inflight or await self.lag(probe) >= self.s.max_prompt_lag:
+                if watcher.done():
+                    watcher.result()
+                # The lag costs the broker a request per partition: asked only when the window has room.
+                room = (
+                    self.train_published - self.groups_trained < self.max_inflight
+                    and await self.lag(probe) < self.s.max_prompt_lag
+                )
+                action = next_publication(window_has_room=room, eval_due=bool(self._eval_due))
+                if action == "eval":
+                    await self.publish_eval(self._eval_due.pop(0))
+                    continue
+                if action == "wait":
                     await asyncio.sleep(0.2)
                     continue
                 if not order:
@@ -99,8 +132,6 @@ class Feeder:
                 p = order.pop()
                 await self.publish(PromptTask(prompt_id=p.prompt_id, text=p.text, split="train", source=p.source))
                 self.train_published += 1
-                if watcher.done():
-                    watcher.result()
         finally:
             watcher.cancel()
             await stop_consumer(probe)
