@@ -5,8 +5,8 @@ partition with the offsets the ``generators`` group has committed (at most ``max
 and it counts the groups the learner has trained on (from the learner topic), keeping at most two steps'
 worth of groups in flight (one if ``max_staleness`` is 0), so generation never runs far ahead of learning.
 Every ``eval_every`` learner steps it also publishes the held-out eval prompts, tagged with an eval round,
-which generators answer greedily: behind the train prompts that refill the window (``next_publication``), so
-a generator busy with an eval round still has the learner's next step queued before it.
+which generators answer greedily: once the train prompts that refill the window have all been sampled
+(``next_publication``), so an eval round never delays the groups of the learner's next steps.
 """
 
 from __future__ import annotations
@@ -26,25 +26,29 @@ from streams import Publisher, decode, ensure_topics, make_consumer, read_from_s
 log = structlog.get_logger(__name__)
 
 
-def next_publication(*, window_has_room: bool, eval_due: bool) -> str:
+def next_publication(*, window_has_room: bool, eval_due: bool, prompts_waiting: int) -> str:
     """What the feeder publishes next: ``"train"``, ``"eval"`` or ``"wait"``.
 
-    Train prompts come first while the in-flight window has room; a due eval round goes out only once the
-    window is full, so it queues behind the groups of the learner's next step. Published first, it held the
-    generator for a whole round (16 greedy answers, ~25 s on a CPU) while the learner, with one step's groups
-    in hand, trained them and then waited for the next (measured: every second step after an eval round took
-    13-33 s longer, ~10% of the learner's wall time).
+    Train prompts come first while the in-flight window has room. A due eval round goes out only once the
+    window is full and the generators are done with every prompt published (``prompts_waiting``, the lag of
+    their consumer group, is 0: a generator commits a prompt once its rollouts are published), so its greedy
+    answers are sampled after the groups of the learner's next two steps, never mixed into their batches. Published at once, a round (16 greedy answers, ~25 s on a
+    CPU) shared the generator's batches with the next step's train prompts, and the learner, having trained
+    the one step's groups it had, waited for the rest (session 22's default run: 5-33 s after each round,
+    146 s of 1,500; ~10% of its wall time).
 
-    >>> next_publication(window_has_room=True, eval_due=True)
+    >>> next_publication(window_has_room=True, eval_due=True, prompts_waiting=0)
     'train'
-    >>> next_publication(window_has_room=False, eval_due=True)
+    >>> next_publication(window_has_room=False, eval_due=True, prompts_waiting=3)
+    'wait'
+    >>> next_publication(window_has_room=False, eval_due=True, prompts_waiting=0)
     'eval'
-    >>> next_publication(window_has_room=False, eval_due=False)
+    >>> next_publication(window_has_room=False, eval_due=False, prompts_waiting=0)
     'wait'
     """
     if window_has_room:
         return "train"
-    return "eval" if eval_due else "wait"
+    return "eval" if eval_due and prompts_waiting == 0 else "wait"
 
 
 class Feeder:
@@ -114,12 +118,14 @@ class Feeder:
             while not self._stop.is_set():
                 if watcher.done():
                     watcher.result()
-                # The lag costs the broker a request per partition: asked only when the window has room.
-                room = (
-                    self.train_published - self.groups_trained < self.max_inflight
-                    and await self.lag(probe) < self.s.max_prompt_lag
+                # The lag costs the broker a request per partition: asked only when it decides something.
+                window_open = self.train_published - self.groups_trained < self.max_inflight
+                lag = await self.lag(probe) if window_open or self._eval_due else 0
+                action = next_publication(
+                    window_has_room=window_open and lag < self.s.max_prompt_lag,
+                    eval_due=bool(self._eval_due),
+                    prompts_waiting=lag,
                 )
-                action = next_publication(window_has_room=room, eval_due=bool(self._eval_due))
                 if action == "eval":
                     await self.publish_eval(self._eval_due.pop(0))
                     continue
