@@ -42,6 +42,7 @@ from services._learner_algo import (
     LossConfig,
     learning_rate_at,
     micro_batch_loss,
+    minibatch_spans,
     reference_logprobs,
     share_prompts_by_default,
     step_advantages,
@@ -317,15 +318,21 @@ class Learner:
             lr = learning_rate_at(st_.step, self.s.learning_rate, self.s.lr_decay_steps, self.s.lr_min_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            # Each epoch is one AdamW update on the same rollouts; the clip against the behaviour log-probs
-            # bounds how far the later ones move. Metrics are the first epoch's (what the rollouts saw).
+            # Each epoch is ppo_minibatches AdamW updates, on disjoint whole groups, of the same rollouts; the
+            # clip against the behaviour log-probs bounds how far the later ones move. Metrics are the first
+            # epoch's (what the rollouts saw), averaged over its minibatches.
             ref_cache: dict[int, torch.Tensor] = {}  # micro-batch start -> reference log-probs, kept across epochs
+            spans = minibatch_spans([len(g) for g in kept], self.s.ppo_minibatches)
             for epoch in range(self.s.ppo_epochs):
-                sums, grad_norm = self._update(rows, advantages, ref_cache, with_entropy=epoch == 0)
+                epoch_sums: dict[str, float] = {}
+                for lo, hi in spans:
+                    sums, grad_norm = self._update(rows, advantages, lo, hi, ref_cache, with_entropy=epoch == 0)
+                    for k, v in {**sums, "grad_norm": grad_norm}.items():
+                        epoch_sums[k] = epoch_sums.get(k, 0.0) + v * (hi - lo) / len(rows)
                 if epoch == 0:
-                    out = {**sums, "grad_norm": grad_norm, "lr": lr}
+                    out = {**epoch_sums, "lr": lr}
             if self.s.ppo_epochs > 1:
-                out["clip_frac_last_epoch"] = sums["clip_frac"]
+                out["clip_frac_last_epoch"] = epoch_sums["clip_frac"]
             if self.frozen_prefix is not None:
                 self.frozen_prefix.forget()
         out.update(
@@ -347,19 +354,22 @@ class Learner:
         self,
         rows: list[JudgedRollout],
         advantages: list[float],
+        lo: int,
+        hi: int,
         ref_cache: dict[int, torch.Tensor],
         with_entropy: bool,
     ) -> tuple[dict[str, float], float]:
-        """One optimizer update over ``rows`` in ``grad_accum`` micro-batches; its metrics and gradient norm.
+        """One optimizer update over ``rows[lo:hi]`` in ``grad_accum`` micro-batches; its metrics and gradient norm.
 
-        ``ref_cache`` holds each micro-batch's reference log-probs: filled by the first update, reused by the rest.
-        ``with_entropy``: whether the metrics include the policy's entropy (only the first update's are reported).
+        ``ref_cache`` holds each micro-batch's reference log-probs, by its start in ``rows``: filled by the first
+        epoch, reused by the rest. ``with_entropy``: whether the metrics include the policy's entropy (only the
+        first epoch's are reported).
         """
         self.optimizer.zero_grad(set_to_none=True)
-        micro = max(1, len(rows) // self.s.grad_accum)
+        micro = max(1, (hi - lo) // self.s.grad_accum)
         sums: dict[str, float] = {}
-        for start in range(0, len(rows), micro):
-            chunk = rows[start : start + micro]
+        for start in range(lo, hi, micro):
+            chunk = rows[start : min(hi, start + micro)]
             sequences = [(m.rollout.prompt_token_ids, m.rollout.completion_token_ids) for m in chunk]
             temperature = chunk[0].rollout.sampling.temperature
             prefix = self.frozen_prefix
@@ -379,7 +389,7 @@ class Learner:
                     self.reference,
                     sequences,
                     [m.rollout.behaviour_logprobs for m in chunk],
-                    advantages[start : start + micro],
+                    advantages[start : start + len(chunk)],
                     self.tokenizer.pad_token_id,
                     temperature,
                     self.loss_cfg,
@@ -387,9 +397,9 @@ class Learner:
                     ref_logp=ref_cache[start],
                     with_entropy=with_entropy,
                 )
-            (loss * len(chunk) / len(rows)).backward()
+            (loss * len(chunk) / (hi - lo)).backward()
             for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v * len(chunk) / len(rows)
+                sums[k] = sums.get(k, 0.0) + v * len(chunk) / (hi - lo)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.s.max_grad_norm
         )

@@ -50,6 +50,30 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6, std_floor: flo
     return [(r - mean) / (max(std, std_floor) + eps) for r in rewards]
 
 
+def minibatch_spans(group_sizes: list[int], minibatches: int) -> list[tuple[int, int]]:
+    """Row spans ``(start, end)`` of a step's minibatches: its groups, in order, dealt into ``minibatches``
+    runs of whole groups as even in group count as they go (a group's completions share a forward pass of
+    their prompt, and its advantages were normalised together). Fewer groups than minibatches: one each.
+
+    >>> minibatch_spans([4, 4, 4, 4], 2)
+    [(0, 8), (8, 16)]
+    >>> minibatch_spans([4, 3, 4], 2)
+    [(0, 7), (7, 11)]
+    >>> minibatch_spans([4, 4], 3)
+    [(0, 4), (4, 8)]
+    >>> minibatch_spans([4, 4, 4, 4], 1)
+    [(0, 16)]
+    """
+    n = max(1, min(minibatches, len(group_sizes)))
+    spans, start, g = [], 0, 0
+    for k in range(n):
+        take = len(group_sizes) // n + (1 if k < len(group_sizes) % n else 0)
+        end = start + sum(group_sizes[g : g + take])
+        spans.append((start, end))
+        start, g = end, g + take
+    return spans
+
+
 def step_advantages(
     groups: Sequence[Sequence[float]], scale: str = "group", eps: float = 1e-6, std_floor: float = 0.0
 ) -> list[list[float]]:

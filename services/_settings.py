@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     grad_accum: int = Field(default=1, ge=1)
     # optimizer updates per step on the same rollouts (PPO's epochs); later ones are clipped against behaviour
     ppo_epochs: int = Field(default=1, ge=1)
+    # each epoch split into this many updates on disjoint whole groups (PPO's minibatches; same compute)
+    ppo_minibatches: int = Field(default=1, ge=1)
     max_grad_norm: float = 1.0
     # divide group-centred rewards by each group's std ("group", GRPO) or by the step's pooled one ("step")
     advantage_scale: Literal["group", "step"] = "group"

@@ -133,6 +133,32 @@ def test_positive_advantage_raises_completion_logprob(
         assert "clip_frac_last_epoch" not in metrics
 
 
+def test_minibatches_update_once_per_span_of_whole_groups(tiny_settings: Settings) -> None:
+    """With ``ppo_minibatches=2`` an epoch is two AdamW updates, one per half of the step's groups, and each
+    group's better completion still gains probability; the metrics are averaged over the first epoch's."""
+    from services._learner_algo import completion_logprobs
+
+    s = tiny_settings.model_copy(update={"learning_rate": 1e-3, "kl_coef": 0.0, "ppo_epochs": 2, "ppo_minibatches": 2})
+    learner = Learner(s)
+    raw = judged_groups(s, 2)
+    groups = []
+    for i in range(2):
+        members = raw[i * s.group_size : (i + 1) * s.group_size]
+        rewards = [1.0] + [0.0] * (len(members) - 1)
+        groups.append([make_judged(e.rollout, e.scores, reward=r) for e, r in zip(members, rewards, strict=True)])
+    best = [[(g[0].rollout.prompt_token_ids, g[0].rollout.completion_token_ids)] for g in groups]
+    with torch.no_grad():
+        before = [completion_logprobs(learner.model, seq, 0)[0].sum().item() for seq in best]
+    metrics = learner.train_step(groups)
+    with torch.no_grad():
+        after = [completion_logprobs(learner.model, seq, 0)[0].sum().item() for seq in best]
+    assert all(a > b for a, b in zip(after, before, strict=True))
+    adam_steps = {int(state["step"]) for state in learner.optimizer.state.values()}
+    assert adam_steps == {2 * 2}  # epochs x minibatches
+    assert metrics["trained_rollouts"] == 2 * s.group_size
+    assert metrics["entropy"] > 0.0 and metrics["clip_frac_last_epoch"] > 0.0
+
+
 def test_checkpoint_after_a_push_refers_to_the_policy_file(tiny_settings: Settings) -> None:
     """Right after a push the checkpoint does not write the weights again; a restart reads (and checks) them
     from the policy store."""
