@@ -32,10 +32,10 @@ def next_publication(*, window_has_room: bool, eval_due: bool, prompts_waiting: 
     Train prompts come first while the in-flight window has room. A due eval round goes out only once the
     window is full and the generators are done with every prompt published (``prompts_waiting``, the lag of
     their consumer group, is 0: a generator commits a prompt once its rollouts are published), so its greedy
-    answers are sampled after the groups of the learner's next two steps, never mixed into their batches. Published at once, a round (16 greedy answers, ~25 s on a
-    CPU) shared the generator's batches with the next step's train prompts, and the learner, having trained
-    the one step's groups it had, waited for the rest (session 22's default run: 5-33 s after each round,
-    146 s of 1,500; ~10% of its wall time).
+    answers are sampled after the groups of the learner's next two steps, never mixed into their batches.
+    Published at once, a round (16 greedy answers, ~25 s on a CPU) shared the generator's batches with the
+    next step's train prompts, and the learner, having trained the one step's groups it had, waited for the
+    rest (session 22's default run: 5-33 s after each round, 146 s of 1,500; ~10% of its wall time).
 
     >>> next_publication(window_has_room=True, eval_due=True, prompts_waiting=0)
     'train'
