@@ -8,6 +8,12 @@ Two runs with the same models, judge and wall-clock budget, one after the other:
 - **sync**: the classic loop in one process, generate a batch → judge it → one learner step → swap weights,
   with the same Generator, Triton-served judge and Learner code, evaluated the same way.
 
+Training stops when the budget runs out; the policy it left is then evaluated in a closing round (the same
+greedy answers and judge, after the budget, so an eval round never takes training time from it), unless the run's
+last round already evaluated that version. Without it the last ~5 steps of a run (eval every 5) would be trained
+but never measured. ``eval_reward_last`` is that closing round; ``eval_reward_last_in_budget`` the last round
+answered inside the budget.
+
 It reports eval reward per principle by policy version, first → last eval reward, KL, and each run's eval
 reward over wall time, and draws them in a PNG.
 """
@@ -24,6 +30,7 @@ import structlog
 
 from schemas import JudgedRollout, PromptTask
 from services._data import load_constitution, load_prompts
+from services._replay import Source
 from services._settings import Settings
 from services._supervisor import _write_json
 
@@ -32,6 +39,25 @@ log = structlog.get_logger(__name__)
 
 async def _judge_all(judge: Any, rollouts: list[Any]) -> list[JudgedRollout]:
     return list(await asyncio.gather(*(judge.judge(r, "bench-sync") for r in rollouts)))
+
+
+def eval_tasks(settings: Settings, eval_round: int) -> list[PromptTask]:
+    evals = [p for p in load_prompts(settings.prompts) if p.split == "eval"][: settings.eval_prompts]
+    return [PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", eval_round=eval_round) for p in evals]
+
+
+async def eval_round(generator: Any, judge: Any, tasks: list[PromptTask]) -> dict[str, Any]:
+    """One held-out round of ``generator``'s policy: greedy answers judged, averaged as the learner's
+    EvalResult averages them (one answer per prompt)."""
+    answers = [r for group in await asyncio.to_thread(generator.generate_batch, tasks) for r in group]
+    judged = await _judge_all(judge, answers)
+    by_prompt = {j.rollout.prompt_id: j.reward for j in judged}
+    return {
+        "policy_version": generator.version,
+        "reward": sum(by_prompt.values()) / len(by_prompt),
+        "by_principle": {k: sum(j.scores[k] for j in judged) / len(judged) for k in sorted(judged[0].scores)},
+        "reward_by_prompt": by_prompt,
+    }
 
 
 async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
@@ -48,25 +74,15 @@ async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
     judge = TritonJudge.from_settings(settings, load_constitution(settings.constitution))
     try:
         generator, learner = Generator(settings), Learner(settings)
-        prompts = load_prompts(settings.prompts)
-        train = [p for p in prompts if p.split == "train"]
-        evals = [p for p in prompts if p.split == "eval"][: settings.eval_prompts]
+        train = [p for p in load_prompts(settings.prompts) if p.split == "train"]
         t0, step, timeline, kl = time.monotonic(), 0, [], 0.0
 
-        async def evaluate() -> None:
-            tasks = [PromptTask(prompt_id=p.prompt_id, text=p.text, split="eval", eval_round=step) for p in evals]
-            answers = [r for group in await asyncio.to_thread(generator.generate_batch, tasks) for r in group]
-            judged = await _judge_all(judge, answers)
-            timeline.append(
-                {
-                    "t": time.monotonic() - t0,
-                    "step": step,
-                    "policy_version": generator.version,
-                    "reward": sum(j.reward for j in judged) / len(judged),
-                    "by_principle": {k: sum(j.scores[k] for j in judged) / len(judged) for k in judged[0].scores},
-                    "reward_by_prompt": {j.rollout.prompt_id: j.reward for j in judged},
-                }
-            )
+        async def evaluate(closing: bool = False) -> None:
+            trained_for = time.monotonic() - t0
+            result = await eval_round(generator, judge, eval_tasks(settings, step))
+            # a closing round is placed where training stopped; the others where their answers were judged
+            point = {"t": trained_for if closing else time.monotonic() - t0, "step": step, "eval_round": step}
+            timeline.append(point | result | ({"closing": True} if closing else {}))
 
         await evaluate()
         while time.monotonic() - t0 < minutes * 60:
@@ -81,20 +97,56 @@ async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:
             step += 1
             if step % settings.eval_every == 0:
                 await evaluate()
+        if step % settings.eval_every:
+            await evaluate(closing=True)
         return {"steps": step, "eval_timeline": timeline, "kl_last": kl, "wall_seconds": time.monotonic() - t0}
     finally:
         await judge.close()
         await asyncio.to_thread(sup.stop_all)
 
 
+async def evaluate_stored_policy(
+    settings: Settings, judge: Any, version: int, eval_round_no: int, source: Source = "archive"
+) -> dict[str, Any]:
+    """A held-out round of policy ``version`` as the run's policy store and its PolicyUpdate (read from
+    ``source``) hold it, verified against the announced sha256 as ``rlaif audit`` reads a version, on a fresh
+    generator. After ``rlaif up`` the embedded broker is gone, so the archive is where the update is."""
+    from services._audit import policy_blob
+    from services._generator import Generator
+    from services._policy import apply_weights, load_weights_blob
+
+    generator = await asyncio.to_thread(Generator, settings)
+    if version:
+        _, blob = await policy_blob(settings, version, source)
+        apply_weights(generator.model, load_weights_blob(blob, generator.model, settings.lora), settings.lora)
+        generator.version = version
+    return await eval_round(generator, judge, eval_tasks(settings, eval_round_no))
+
+
+async def closing_round(settings: Settings, version: int, eval_round_no: int) -> dict[str, Any]:
+    """``evaluate_stored_policy`` after ``rlaif up`` has stopped, with a Triton server of its own."""
+    from services._judge_client import TritonJudge
+    from services._supervisor import Supervisor, launch_triton
+
+    sup = Supervisor()
+    await asyncio.to_thread(launch_triton, settings, sup, settings.run_dir / "logs" / "closing")
+    judge = TritonJudge.from_settings(settings, load_constitution(settings.constitution))
+    try:
+        return await evaluate_stored_policy(settings, judge, version, eval_round_no)
+    finally:
+        await judge.close()
+        await asyncio.to_thread(sup.stop_all)
+
+
 async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
+    from schemas import IntegrityError
     from services._supervisor import up
 
     report = await up(settings, steps=0, report_path=settings.run_dir / "up-report.json", minutes=minutes, live=False)
     timeline = async_timeline(report)
     steps = report["learner_metrics_by_step"]
     kl = steps[max(steps, key=int)]["kl"] if steps else 0.0
-    return {
+    result: dict[str, Any] = {
         "steps": report["learner_steps"],
         "eval_timeline": timeline,
         "kl_last": kl,
@@ -102,6 +154,16 @@ async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
         "rollouts_per_s": report["rollouts_per_s"],
         "judged_per_s": report["judged_per_s"],
     }
+    final = max(report["policy_versions_published"], default=0)  # announced before the budget ran out
+    if final and (not timeline or timeline[-1]["policy_version"] != final):
+        try:
+            closing = await closing_round(settings, final, report["learner_steps"])
+        except (IntegrityError, OSError) as exc:  # reported, and the last round in the budget stays the last
+            log.error("closing_round_failed", policy_version=final, error=str(exc))
+            result["closing_round_error"] = str(exc)
+        else:
+            timeline.append({"t": minutes * 60, "eval_round": report["learner_steps"], **closing, "closing": True})
+    return result
 
 
 def async_timeline(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -155,6 +217,11 @@ def _first_to_last(timeline: list[dict[str, Any]]) -> dict[str, float | int | No
     return paired_gain(timeline[0].get("reward_by_prompt", {}), timeline[-1].get("reward_by_prompt", {}))
 
 
+def _last_in_budget(timeline: list[dict[str, Any]]) -> float | None:
+    inside = [p["reward"] for p in timeline if not p.get("closing")]
+    return inside[-1] if inside else None
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -164,8 +231,19 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in ("async", "sync"):
         tl = result[name]["eval_timeline"]
-        ax1.plot([p["t"] / 60 for p in tl], [p["reward"] for p in tl], marker="o", label=name)
-    ax1.set(xlabel="wall time (min)", ylabel="eval reward", title="Eval reward over wall time")
+        line = ax1.plot([p["t"] / 60 for p in tl], [p["reward"] for p in tl], marker="o", label=name)[0]
+        closing = [p for p in tl if p.get("closing")]
+        ax1.scatter(
+            [p["t"] / 60 for p in closing],
+            [p["reward"] for p in closing],
+            s=120,
+            marker="s",
+            facecolors="none",
+            edgecolors=line.get_color(),
+        )
+    ax1.set(
+        xlabel="wall time (min; squares: the closing round)", ylabel="eval reward", title="Eval reward over wall time"
+    )
     ax1.legend()
     tl = result["async"]["eval_timeline"]
     for pid in sorted(tl[0]["by_principle"]) if tl else []:
@@ -196,6 +274,7 @@ def summarize(result: dict[str, Any], report: Path) -> None:
     tl = result["async"]["eval_timeline"]
     result["eval_reward_first"] = tl[0]["reward"] if tl else None
     result["eval_reward_last"] = tl[-1]["reward"] if tl else None
+    result["eval_reward_last_in_budget"] = _last_in_budget(tl)
     result["eval_gain_paired"] = _first_to_last(tl)
     result["eval_reward_by_version"] = {str(p["policy_version"]): p["reward"] for p in tl}
     result["per_principle_by_version"] = {str(p["policy_version"]): p["by_principle"] for p in tl}
@@ -203,6 +282,7 @@ def summarize(result: dict[str, Any], report: Path) -> None:
     stl = result["sync"]["eval_timeline"]
     result["sync_eval_reward_first"] = stl[0]["reward"] if stl else None
     result["sync_eval_reward_last"] = stl[-1]["reward"] if stl else None
+    result["sync_eval_reward_last_in_budget"] = _last_in_budget(stl)
     result["sync_eval_gain_paired"] = _first_to_last(stl)
     png = report.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
