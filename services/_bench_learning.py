@@ -162,6 +162,7 @@ async def run_async(settings: Settings, minutes: float) -> dict[str, Any]:
             log.error("closing_round_failed", policy_version=final, error=str(exc))
             result["closing_round_error"] = str(exc)
         else:
+            log.info("closing_round", policy_version=final, reward=round(closing["reward"], 4))
             timeline.append({"t": minutes * 60, "eval_round": report["learner_steps"], **closing, "closing": True})
     return result
 

@@ -131,7 +131,12 @@ class Learner:
         self.frozen_prefix = FrozenPrefix.below_adapter(self.model) if settings.lora else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-        self.loss_cfg = LossConfig(settings.clip_eps, settings.max_importance_ratio, settings.kl_coef)
+        self.loss_cfg = LossConfig(
+            settings.clip_eps,
+            settings.max_importance_ratio,
+            settings.kl_coef,
+            decoupled=settings.ppo_clip_against == "proximal",
+        )
         share = settings.learner_share_prompts
         self.share_prompts = (
             share_prompts_by_default(settings.device, settings.torch_threads) if share is None else share
@@ -319,14 +324,17 @@ class Learner:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             # Each epoch is ppo_minibatches AdamW updates, on disjoint whole groups, of the same rollouts; the
-            # clip against the behaviour log-probs bounds how far the later ones move. Metrics are the first
-            # epoch's (what the rollouts saw), averaged over its minibatches.
+            # clip (against the behaviour log-probs, or the proximal ones: ppo_clip_against) bounds how far the
+            # later ones move. Metrics are the first epoch's (what the rollouts saw), averaged over its minibatches.
             ref_cache: dict[int, torch.Tensor] = {}  # micro-batch start -> reference log-probs, kept across epochs
+            prox_cache: dict[int, torch.Tensor] = {}  # the same for the proximal policy's (ppo_clip_against)
             spans = minibatch_spans([len(g) for g in kept], self.s.ppo_minibatches)
             for epoch in range(self.s.ppo_epochs):
                 epoch_sums: dict[str, float] = {}
                 for lo, hi in spans:
-                    sums, grad_norm = self._update(rows, advantages, lo, hi, ref_cache, with_entropy=epoch == 0)
+                    sums, grad_norm = self._update(
+                        rows, advantages, lo, hi, ref_cache, prox_cache, with_entropy=epoch == 0
+                    )
                     for k, v in {**sums, "grad_norm": grad_norm}.items():
                         epoch_sums[k] = epoch_sums.get(k, 0.0) + v * (hi - lo) / len(rows)
                 if epoch == 0:
@@ -357,13 +365,15 @@ class Learner:
         lo: int,
         hi: int,
         ref_cache: dict[int, torch.Tensor],
+        prox_cache: dict[int, torch.Tensor],
         with_entropy: bool,
     ) -> tuple[dict[str, float], float]:
         """One optimizer update over ``rows[lo:hi]`` in ``grad_accum`` micro-batches; its metrics and gradient norm.
 
         ``ref_cache`` holds each micro-batch's reference log-probs, by its start in ``rows``: filled by the first
-        epoch, reused by the rest. ``with_entropy``: whether the metrics include the policy's entropy (only the
-        first epoch's are reported).
+        epoch, reused by the rest; ``prox_cache`` the proximal policy's, taken from the first epoch's own forward
+        (no extra pass). ``with_entropy``: whether the metrics include the policy's entropy (only the first
+        epoch's are reported).
         """
         self.optimizer.zero_grad(set_to_none=True)
         micro = max(1, (hi - lo) // self.s.grad_accum)
@@ -396,6 +406,8 @@ class Learner:
                     self.share_prompts,
                     ref_logp=ref_cache[start],
                     with_entropy=with_entropy,
+                    proximal=prox_cache,
+                    at=start,
                 )
             (loss * len(chunk) / (hi - lo)).backward()
             for k, v in part.items():

@@ -122,6 +122,9 @@ class LossConfig:
     clip_eps: float = 0.2
     max_ratio: float = 5.0
     kl_coef: float = 0.05
+    #: clip against the proximal policy (the policy as the step found it) instead of the behaviour policy,
+    #: with the behaviour -> proximal importance weight truncated at ``max_ratio`` (decoupled PPO)
+    decoupled: bool = False
 
 
 def policy_loss(
@@ -131,20 +134,49 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cfg: LossConfig,
+    logp_prox: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped off-policy policy-gradient loss with a KL penalty; all token tensors are (batch, tokens).
+
+    By default the PPO ratio is taken against the behaviour policy (the generator's version), so a token of a
+    rollout two versions old that the last two steps already moved past 1 ± ε gets no gradient at all. With
+    ``cfg.decoupled`` and ``logp_prox`` (the policy as this step found it, no gradient) the trust region is
+    around the proximal policy instead and the staleness is corrected by a separate importance weight
+    ``w = π_prox / π_behaviour``, truncated at ``max_ratio`` (decoupled PPO, Hilton et al. 2021):
+    ``-w · min(r·A, clip(r, 1 ± ε)·A)`` with ``r = π_θ / π_prox``. On fresh rollouts the two are the same.
 
     >>> z = torch.zeros(1, 2); m = torch.ones(1, 2)
     >>> loss, metrics = policy_loss(z, z, z, torch.tensor([1.0]), m, LossConfig())
     >>> round(loss.item(), 4), metrics["kl"], metrics["clip_frac"]
     (-1.0, 0.0, 0.0)
+
+    A stale token already pushed past 1 + ε: clipped against behaviour, it has no gradient; against the
+    proximal policy (where θ is now) it has one, weighted by how much likelier the token has become.
+
+    >>> behaviour, now = torch.zeros(1, 1), torch.full((1, 1), 0.4, requires_grad=True)
+    >>> a, one = torch.tensor([1.0]), torch.ones(1, 1)
+    >>> old, _ = policy_loss(now, behaviour, now.detach(), a, one, LossConfig(kl_coef=0))
+    >>> old.backward(); now.grad.item()
+    0.0
+    >>> now.grad = None
+    >>> cfg = LossConfig(kl_coef=0, decoupled=True)
+    >>> new, metrics = policy_loss(now, behaviour, now.detach(), a, one, cfg, logp_prox=now.detach())
+    >>> new.backward(); round(now.grad.item(), 4), round(metrics["is_weight_mean"], 4), metrics["clip_frac"]
+    (-1.4918, 1.4918, 0.0)
     """
     mask = mask.to(logp_new.dtype)
-    ratio = torch.exp(logp_new - logp_behaviour)
     adv = advantages.unsqueeze(-1)
-    unclipped = torch.clamp(ratio, max=cfg.max_ratio) * adv
-    clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
-    pg = -torch.minimum(unclipped, clipped)
+    if cfg.decoupled and logp_prox is not None:
+        weight = torch.clamp(torch.exp(logp_prox - logp_behaviour), max=cfg.max_ratio)
+        ratio = torch.exp(logp_new - logp_prox)  # the trust region is around the policy the step started from
+        clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
+        pg = -weight * torch.minimum(ratio * adv, clipped)
+    else:
+        weight = torch.ones_like(logp_new)
+        ratio = torch.exp(logp_new - logp_behaviour)
+        unclipped = torch.clamp(ratio, max=cfg.max_ratio) * adv
+        clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
+        pg = -torch.minimum(unclipped, clipped)
     log_diff = logp_ref - logp_new
     kl = torch.exp(log_diff) - log_diff - 1.0
     per_token = pg + cfg.kl_coef * kl
@@ -158,7 +190,8 @@ def policy_loss(
             "pg_loss": float(((pg * mask).sum(-1) / lengths).mean().item()),
             "kl": float(((kl * mask).sum() / n_tokens).item()),
             "clip_frac": float(clip_frac.item()),
-            "ratio_mean": float(((ratio * mask).sum() / n_tokens).item()),
+            "ratio_mean": float(((torch.exp(logp_new - logp_behaviour) * mask).sum() / n_tokens).item()),
+            "is_weight_mean": float(((weight * mask).sum() / n_tokens).item()),
         }
     return loss, metrics
 
@@ -312,6 +345,8 @@ def micro_batch_loss(
     share_prompts: bool = True,
     ref_logp: torch.Tensor | None = None,
     with_entropy: bool = True,
+    proximal: dict[int, torch.Tensor] | None = None,
+    at: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch and its metrics (with the completions' mean entropy unless not
     ``with_entropy``: a metric that costs a pass over the (tokens x vocab) log-probs, read from one update a step).
@@ -320,6 +355,8 @@ def micro_batch_loss(
     disabled. ``behaviour_logprobs=None`` treats the batch as on-policy (importance ratio 1).
     ``share_prompts``: see :func:`completion_logprobs`. ``ref_logp``: the reference's log-probs of these
     sequences (:func:`reference_logprobs`), when already known; the reference does not change between updates.
+    ``proximal`` (with ``cfg.decoupled``): the proximal log-probs by micro-batch start ``at``; the first pass over
+    a micro-batch in a step records its own (the policy before this update), later epochs read them.
     """
     logp, entropy, mask = completion_logprobs(model, sequences, pad_id, temperature, share_prompts, with_entropy)
     if ref_logp is None:
@@ -331,7 +368,10 @@ def micro_batch_loss(
         for i, row in enumerate(behaviour_logprobs):
             behaviour[i, : len(row)] = torch.tensor(row, device=logp.device)
     adv = torch.tensor(list(advantages), device=logp.device)
-    loss, metrics = policy_loss(logp, behaviour, ref_logp, adv, mask, cfg)
+    prox = None
+    if cfg.decoupled and proximal is not None:
+        prox = proximal.setdefault(at, logp.detach())
+    loss, metrics = policy_loss(logp, behaviour, ref_logp, adv, mask, cfg, prox)
     if with_entropy:
         metrics["entropy"] = float(((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item())
     return loss, metrics

@@ -127,10 +127,14 @@ class Settings(BaseSettings):
     clip_eps: float = 0.2
     max_importance_ratio: float = 5.0
     grad_accum: int = Field(default=1, ge=1)
-    # optimizer updates per step on the same rollouts (PPO's epochs); later ones are clipped against behaviour
+    # optimizer updates per step on the same rollouts (PPO's epochs); the clip bounds how far the later ones go
     ppo_epochs: int = Field(default=1, ge=1)
     # each epoch split into this many updates on disjoint whole groups (PPO's minibatches; same compute)
     ppo_minibatches: int = Field(default=1, ge=1)
+    # the PPO clip's centre: the behaviour policy (the generator's version), or the policy as the step found it
+    # ("proximal", decoupled PPO: staleness corrected by a separate importance weight capped at
+    # max_importance_ratio), so rollouts a version or two old still move the policy a full clip range
+    ppo_clip_against: Literal["behaviour", "proximal"] = "behaviour"
     max_grad_norm: float = 1.0
     # divide group-centred rewards by each group's std ("group", GRPO) or by the step's pooled one ("step")
     advantage_scale: Literal["group", "step"] = "group"
