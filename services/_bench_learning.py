@@ -47,17 +47,12 @@ def eval_tasks(settings: Settings, eval_round: int) -> list[PromptTask]:
 
 
 async def eval_round(generator: Any, judge: Any, tasks: list[PromptTask]) -> dict[str, Any]:
-    """One held-out round of ``generator``'s policy: greedy answers judged, averaged as the learner's
-    EvalResult averages them (one answer per prompt)."""
+    """One held-out round of ``generator``'s policy: greedy answers judged and summed up as the learner's
+    EvalResult is (``eval_summary``)."""
+    from services._learner import eval_summary
+
     answers = [r for group in await asyncio.to_thread(generator.generate_batch, tasks) for r in group]
-    judged = await _judge_all(judge, answers)
-    by_prompt = {j.rollout.prompt_id: j.reward for j in judged}
-    return {
-        "policy_version": generator.version,
-        "reward": sum(by_prompt.values()) / len(by_prompt),
-        "by_principle": {k: sum(j.scores[k] for j in judged) / len(judged) for k in sorted(judged[0].scores)},
-        "reward_by_prompt": by_prompt,
-    }
+    return {"policy_version": generator.version, **eval_summary(await _judge_all(judge, answers))}
 
 
 async def run_sync(settings: Settings, minutes: float) -> dict[str, Any]:

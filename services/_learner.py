@@ -262,16 +262,15 @@ class Learner:
         st_.eval_reported.add(eval_round)
         events = list(answers.values())
         versions = [e.rollout.policy_version for e in events]
-        by_principle = {pid: sum(e.scores[pid] for e in events) / len(events) for pid in sorted(events[0].scores)}
-        by_prompt = {prompt_id: e.reward for prompt_id, e in answers.items()}
+        summary = eval_summary(events)
         result = EvalResult(
             policy_version=max(set(versions), key=versions.count),
             eval_round=eval_round,
             n=len(events),
-            reward_mean=sum(by_prompt.values()) / len(by_prompt),
-            by_principle=by_principle,
+            reward_mean=summary["reward"],
+            by_principle=summary["by_principle"],
             constitution_id=events[0].constitution_id,
-            reward_by_prompt=by_prompt,
+            reward_by_prompt=summary["reward_by_prompt"],
         )
         await self.publisher.send(self.topics.eval, result, key=str(eval_round))
         log.info(
@@ -559,6 +558,18 @@ class Learner:
 
 def run(settings: Settings) -> None:
     run_until_signalled(lambda: Learner(settings))
+
+
+def eval_summary(answers: list[JudgedRollout]) -> dict[str, Any]:
+    """A held-out round's figures from its judged answers (one per eval prompt): the mean reward over prompts,
+    each principle's mean score and the reward by prompt. The EvalResult and ``rlaif bench learning``'s
+    rounds both come from here."""
+    by_prompt = {e.rollout.prompt_id: e.reward for e in answers}
+    return {
+        "reward": sum(by_prompt.values()) / len(by_prompt),
+        "by_principle": {k: sum(e.scores[k] for e in answers) / len(answers) for k in sorted(answers[0].scores)},
+        "reward_by_prompt": by_prompt,
+    }
 
 
 def newest_policy_version(store: Path) -> int:

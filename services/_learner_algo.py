@@ -166,14 +166,14 @@ def policy_loss(
     """
     mask = mask.to(logp_new.dtype)
     adv = advantages.unsqueeze(-1)
+    behaviour_ratio = torch.exp(logp_new - logp_behaviour)
     if cfg.decoupled and logp_prox is not None:
         weight = torch.clamp(torch.exp(logp_prox - logp_behaviour), max=cfg.max_ratio)
         ratio = torch.exp(logp_new - logp_prox)  # the trust region is around the policy the step started from
         clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
         pg = -weight * torch.minimum(ratio * adv, clipped)
     else:
-        weight = torch.ones_like(logp_new)
-        ratio = torch.exp(logp_new - logp_behaviour)
+        weight, ratio = torch.ones_like(logp_new), behaviour_ratio
         unclipped = torch.clamp(ratio, max=cfg.max_ratio) * adv
         clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
         pg = -torch.minimum(unclipped, clipped)
@@ -190,7 +190,7 @@ def policy_loss(
             "pg_loss": float(((pg * mask).sum(-1) / lengths).mean().item()),
             "kl": float(((kl * mask).sum() / n_tokens).item()),
             "clip_frac": float(clip_frac.item()),
-            "ratio_mean": float(((torch.exp(logp_new - logp_behaviour) * mask).sum() / n_tokens).item()),
+            "ratio_mean": float(((behaviour_ratio * mask).sum() / n_tokens).item()),
             "is_weight_mean": float(((weight * mask).sum() / n_tokens).item()),
         }
     return loss, metrics
@@ -356,7 +356,8 @@ def micro_batch_loss(
     ``share_prompts``: see :func:`completion_logprobs`. ``ref_logp``: the reference's log-probs of these
     sequences (:func:`reference_logprobs`), when already known; the reference does not change between updates.
     ``proximal`` (with ``cfg.decoupled``): the proximal log-probs by micro-batch start ``at``; the first pass over
-    a micro-batch in a step records its own (the policy before this update), later epochs read them.
+    a micro-batch in a step records its own (the policy before this update), later epochs read them. Without
+    it, this pass's own log-probs are the proximal ones (right for a single update).
     """
     logp, entropy, mask = completion_logprobs(model, sequences, pad_id, temperature, share_prompts, with_entropy)
     if ref_logp is None:
@@ -369,8 +370,8 @@ def micro_batch_loss(
             behaviour[i, : len(row)] = torch.tensor(row, device=logp.device)
     adv = torch.tensor(list(advantages), device=logp.device)
     prox = None
-    if cfg.decoupled and proximal is not None:
-        prox = proximal.setdefault(at, logp.detach())
+    if cfg.decoupled:  # without a cache (one update) this pass is the policy the update starts from
+        prox = logp.detach() if proximal is None else proximal.setdefault(at, logp.detach())
     loss, metrics = policy_loss(logp, behaviour, ref_logp, adv, mask, cfg, prox)
     if with_entropy:
         metrics["entropy"] = float(((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item())
